@@ -1,0 +1,470 @@
+"""Sandboxed workflow executor for W4S.
+
+Every workflow the meta-agent writes is untrusted code. W4S evaluates it on each validation sample: `solver(agent,
+task)` runs here, in a child process, and every executor-LLM call (`agent.call_llm`, `agent.execute_code`) leaves the
+child as an RPC request over a private socket; the parent owns the API client, keys, cache, budget and the answers.
+
+How one `Sandbox` (one candidate workflow) works:
+- A *zygote*: one `python -I` process per Sandbox, started inside the strongest isolation available (`isolation_mode`),
+  with a minimal environment and common modules pre-imported. For each `run()` the parent hands it two fresh fds
+  (RPC socket, output pipe) over a unix socket; it forks a task, which execs prelude + code in fresh globals and calls
+  `entry(arg)`. Fork gives every task a clean copy: globals, monkeypatched builtins or json never reach the next task.
+- A task (when the parent is root): its own session, a random unprivileged uid (so RLIMIT_NPROC applies, it cannot
+  signal, ptrace or read other processes, and root-only files are closed to it), a fresh 0700 work dir, no new
+  privileges, PR_SET_PDEATHSIG, rlimits on memory, CPU, file size, open files, processes, no core dumps.
+- When the task ends (returns, crashes, or the parent's wall-clock deadline asks), a killer that takes the task's
+  uid sends SIGKILL to every process of that uid (detached grandchildren included) and the work dir is removed.
+- The parent validates each JSON line (size, shape), caps RPC calls and keeps the first few KB of output. The result
+  travels over the RPC socket, never stdout; a traceback shows only frames of the code's own file.
+Isolation modes, strongest first: `bwrap` (own PID/net/IPC/UTS namespaces, read-only binds of /usr and the Python
+prefix only, a size-limited tmpfs /tmp, capabilities dropped), `unshare` (own PID/net/IPC/UTS/mount namespaces, host
+filesystem), `rlimits` (plain process: loud warning). W4S_SANDBOX=bwrap|unshare|rlimits forces one.
+
+What it does NOT stop: kernel exploits; CPU, memory bandwidth and disk I/O contention; the tasks of one Sandbox
+running at once can see each other's processes (different uids: no signals, no ptrace) and share /tmp's size limit.
+`unshare` and `rlimits` modes expose the host filesystem: a task can read world-readable files (e.g. a benchmark's
+answer file), write world-writable dirs (/tmp, /dev/shm) and, with Python under /root, import only what the zygote
+pre-imported; `rlimits` also shares the host network (127.0.0.1 services included). When the parent is not root,
+tasks share the zygote's uid: RLIMIT_NPROC counts all of them, a detached grandchild outlives its task until close()
+(in `rlimits` mode, possibly the parent), and a task can kill the zygote (which fails its siblings). No seccomp filter
+(none in the stdlib; pyseccomp is not a dependency). One RPC request in flight per task.
+"""
+import json, os, select, shutil, signal, socket, subprocess, sys, tempfile, threading, time, weakref
+from dataclasses import dataclass
+
+MEMORY_MB, FILE_MB, TMPFS_MB, OPEN_FILES, PROCESSES = 2048, 64, 256, 256, 64   # per task (tmpfs: per Sandbox)
+OUTPUT_CAP, MESSAGE_CAP, ERROR_CAP = 8192, 1 << 20, 4000     # bytes kept of stdout, of one JSON line, of an error
+CLEANUP_GRACE = 2.0                                          # seconds to wait for a killed task to be reaped
+PREIMPORT = ("json", "re", "math", "random", "collections", "itertools", "functools", "string", "typing", "decimal",
+             "fractions", "statistics", "textwrap", "dataclasses", "heapq", "bisect", "copy", "ast", "operator")
+
+
+@dataclass
+class Outcome:
+    ok: bool            # True when entry returned a JSON-serialisable value in time
+    value: object       # the returned value (JSON round-tripped) or None
+    error: str          # '' when ok; else a short reason, then traceback lines of the code's own file
+    stdout: str         # first few KB of the child's stdout+stderr
+    seconds: float
+
+
+# Runs inside the isolation. Kept as source so nothing of the parent's memory (keys, caches) is inherited.
+ZYGOTE = r'''
+import ctypes, json, linecache, os, resource, select, shutil, signal, socket, sys, threading, traceback
+cfg = json.loads(sys.stdin.readline())
+os.dup2(os.open(os.devnull, os.O_RDWR), 0)
+for name in cfg["preimport"]:
+    try: __import__(name)
+    except ImportError: pass
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: a setuid binary cannot hand a task root again
+libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back here and get reaped
+libc.prctl(4, 0, 0, 0, 0)   # PR_SET_DUMPABLE=0: tasks cannot ptrace the zygote or read its memory
+dumps, loads, ZYGOTE_PID = json.dumps, json.loads, os.getpid()  # bound now: a task's monkeypatches stay in the task
+tasks, killers = {}, {}     # leader pid -> task; killer pid -> task
+
+def task_main(t, rpc_fd, out_fd):
+    os.setsid()
+    os.dup2(out_fd, 1); os.dup2(out_fd, 2); os.dup2(rpc_fd, 3); os.closerange(4, 1 << 20)
+    if cfg["setuid"]:
+        os.setgroups([]); os.setgid(t["uid"]); os.setuid(t["uid"])
+        libc.prctl(4, 1, 0, 0, 0)  # dumpable again so the task can read its own /proc/self
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG; set after setuid, which clears it
+    if os.getppid() != ZYGOTE_PID: os._exit(1)
+    os.chdir(t["workdir"])
+    os.environ.clear()
+    os.environ.update(PATH="/usr/bin:/bin", HOME=t["workdir"], TMPDIR=t["workdir"], LANG="C.UTF-8",
+                      OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    sys.stdout = sys.stderr = open(1, "w", encoding="utf-8", errors="replace", closefd=False, buffering=1)
+    chan = socket.socket(fileno=3); reader = chan.makefile("rb"); lock = threading.Lock()
+    first = loads(reader.readline())
+    cpu = int(first["timeout"]) + 2
+    for res, value in ((resource.RLIMIT_AS, cfg["memory"]), (resource.RLIMIT_CPU, cpu),
+                       (resource.RLIMIT_FSIZE, cfg["fsize"]), (resource.RLIMIT_NOFILE, cfg["nofile"]),
+                       (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, cfg["nproc"])):
+        resource.setrlimit(res, (value, value))
+
+    def rpc(method, params=None):
+        with lock:
+            chan.sendall(dumps({"rpc": method, "params": params or {}}).encode() + b"\n")
+            reply = loads(reader.readline() or b'{"error": "parent closed the channel"}')
+        if "error" in reply: raise RuntimeError(reply["error"])
+        return reply["ok"]
+
+    name, code = cfg["filename"], cfg["code"]
+    linecache.cache[name] = (len(code), None, code.splitlines(True), name)
+    scope = {"__name__": "__main__", "rpc": rpc}
+    try:
+        exec(compile(cfg["prelude"], "<prelude>", "exec"), scope)
+        exec(compile(code, name, "exec"), scope)
+        if not callable(scope.get(first["entry"])):
+            raise NameError(f"{first['entry']!r} is not defined by {name}")
+        line = dumps({"result": scope[first["entry"]](first["arg"])})
+        if len(line) > cfg["cap"]:
+            line = dumps({"error": f"return value too large ({len(line)} bytes > {cfg['cap']})"})
+    except BaseException as exc:
+        line = dumps({"error": describe(exc, name)})
+    try: sys.stdout.flush()
+    except BaseException: pass
+    chan.sendall(line.encode() + b"\n")
+    os._exit(0)
+
+def describe(exc, name):
+    head = traceback.format_exception_only(type(exc), exc)
+    own = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == name]
+    text = head[-1].strip() + "\n" + "".join(head[:-1])
+    if own: text += "Traceback (most recent call last):\n" + "".join(traceback.StackSummary.from_list(own).format())
+    return text.strip()[:4000]
+
+def start_task(msg, fds):
+    rpc_fd, out_fd = fds
+    uid = int.from_bytes(os.urandom(4), "little") % (1 << 30) + (1 << 20) if cfg["setuid"] else os.getuid()
+    t = dict(id=msg["id"], uid=uid, fd=rpc_fd, workdir=os.path.join(cfg["base"], str(msg["id"])), status=None)
+    os.mkdir(t["workdir"], 0o700)
+    if cfg["setuid"]: os.chown(t["workdir"], uid, uid)
+    pid = os.fork()
+    if pid == 0:
+        try: signal.set_wakeup_fd(-1); signal.signal(signal.SIGCHLD, signal.SIG_DFL); task_main(t, rpc_fd, out_fd)
+        finally: os._exit(70)
+    os.close(out_fd)
+    t["pid"] = pid; tasks[pid] = t
+
+def start_killer(t):
+    if "killer" in t: return
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if cfg["setuid"]:  # as the task's uid, kill(-1) reaches exactly the task's processes
+                os.setgroups([]); os.setgid(t["uid"]); os.setuid(t["uid"])
+                for _ in range(2):
+                    try: os.kill(-1, signal.SIGKILL)
+                    except ProcessLookupError: break
+            else: os.killpg(t["pid"], signal.SIGKILL)
+        finally: os._exit(0)
+    t["killer"] = pid; killers[pid] = t
+
+def finish(t):
+    shutil.rmtree(t["workdir"], ignore_errors=True)
+    os.set_blocking(t["fd"], False)
+    try: os.write(t["fd"], b"\n" + dumps({"exit": t["status"]}).encode() + b"\n")
+    except OSError: pass
+    os.close(t["fd"])
+    del tasks[t["pid"]]
+
+def reap():
+    while True:
+        try: pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError: return
+        if pid == 0: return
+        if pid in tasks:
+            t = tasks[pid]; t["status"] = os.waitstatus_to_exitcode(status); start_killer(t)
+        elif pid in killers:
+            t = killers.pop(pid); t["killed"] = True
+        else: continue  # an orphaned grandchild
+        if t["status"] is not None and t.get("killed"): finish(t)
+
+ctrl = socket.socket(fileno=cfg["ctrl"])
+wake_r, wake_w = os.pipe(); os.set_blocking(wake_w, False)
+signal.set_wakeup_fd(wake_w); signal.signal(signal.SIGCHLD, lambda *_: None)
+while True:
+    ready = select.select([ctrl, wake_r], [], [])[0]
+    if wake_r in ready: os.read(wake_r, 4096); reap()
+    if ctrl in ready:
+        data, fds, _, _ = socket.recv_fds(ctrl, 4096, 2)
+        if not data: break  # the parent is gone (closed, or died for any reason): end every task, then exit
+        msg = loads(data)
+        if msg["op"] == "run" and len(fds) == 2: start_task(msg, fds)
+        elif msg["op"] == "kill":
+            for t in list(tasks.values()):
+                if t["id"] == msg["id"]: start_killer(t)
+for t in list(tasks.values()): start_killer(t)
+while killers:
+    select.select([wake_r], [], [], 1.0); reap()
+'''
+
+MODES = ("bwrap", "unshare", "rlimits")
+ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # the zygote's whole environment: no keys, no proxies
+_probed, _warned, _mode_lock = {}, [], threading.Lock()
+
+
+def _launcher(mode: str) -> list:
+    """The command prefix that puts the zygote inside `mode`'s isolation."""
+    root = os.geteuid() == 0
+    if mode == "unshare":  # a user namespace only when needed: as root it would map uid 0 alone, no uid for tasks
+        return ["unshare", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"] + (
+            [] if root else ["--user", "--map-root-user"])
+    if mode != "bwrap":
+        return []
+    cmd = ["bwrap", "--new-session", "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev",
+           "--perms", "0711", "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
+           "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    # No --die-with-parent: its PDEATHSIG fires when the *thread* that spawned bwrap exits, which would kill a live
+    # sandbox from a thread pool. The zygote exits instead when its control socket reaches EOF, which the kernel
+    # guarantees when the parent dies for any reason.
+    if root:  # the zygote keeps only what it needs to give each task its own uid and dir, and remove it after
+        cmd += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+        for cap in ("SETUID", "SETGID", "CHOWN", "DAC_OVERRIDE"):
+            cmd += ["--cap-add", "CAP_" + cap]
+    else:
+        cmd += ["--unshare-all"]
+    for path in sorted({"/usr", sys.base_prefix, sys.prefix}):
+        cmd += ["--ro-bind", path, path]
+    for path in ("/bin", "/lib", "/lib64", "/sbin"):  # merged-/usr systems have these as symlinks
+        if os.path.islink(path):
+            cmd += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            cmd += ["--ro-bind", path, path]
+    return cmd + ["--"]
+
+
+def _available(mode: str) -> bool:
+    if mode not in _probed:
+        try:
+            _probed[mode] = subprocess.run(_launcher(mode) + [sys.executable, "-I", "-c", "pass"], env=ENV, timeout=20,
+                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            _probed[mode] = False
+    return _probed[mode]
+
+
+def isolation_mode() -> str:
+    """The strongest mode that works here (probed once), or the one W4S_SANDBOX forces."""
+    forced = os.environ.get("W4S_SANDBOX", "")
+    with _mode_lock:
+        if forced and (forced not in MODES or not _available(forced)):
+            raise RuntimeError(f"W4S_SANDBOX={forced!r}: not one of {MODES} that works on this machine")
+        mode = forced or next(m for m in MODES if _available(m))
+        if mode == "rlimits" and not _warned:
+            _warned.append(True)
+            print("w4s sandbox: WARNING: no bwrap or unshare here; workflows run as plain processes with rlimits: they"
+                  " share the host network and can read world-readable files", file=sys.stderr)
+    return mode
+
+
+class _Zygote:
+    """One isolated, pre-imported process that forks a task per request; the parent talks to it over a socket."""
+
+    def __init__(self, mode: str, cfg: dict):
+        self.base = None if mode == "bwrap" else tempfile.mkdtemp(prefix="w4s-sandbox-")
+        if self.base:
+            os.chmod(self.base, 0o711)  # tasks may enter their own dir below, never list or write here
+        self.ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message = one request
+        self.lock = threading.Lock()
+        self.proc = subprocess.Popen(_launcher(mode) + [sys.executable, "-I", "-c", ZYGOTE], env=ENV,
+                                     cwd=self.base or "/", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     pass_fds=[theirs.fileno()])
+        self._finalizer = weakref.finalize(self, _shutdown, self.proc, self.ctrl, self.base)
+        try:
+            cfg = dict(cfg, ctrl=theirs.fileno(), base=self.base or "/tmp")
+            self.proc.stdin.write(json.dumps(cfg).encode() + b"\n")
+            self.proc.stdin.close()
+        finally:
+            theirs.close()
+
+    def send(self, msg: dict, fds=()):
+        with self.lock:
+            socket.send_fds(self.ctrl, [json.dumps(msg).encode()], list(fds))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self):
+        self._finalizer()
+
+
+def _shutdown(proc, ctrl, base):
+    ctrl.close()  # EOF: the zygote kills every task and exits, which ends its namespaces
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if base:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _describe_exit(status) -> str:
+    if status is None:
+        return "the sandbox lost the task (its zygote died)"
+    if status < 0:
+        return f"exit code {status} ({signal.Signals(-status).name})"
+    return f"exit code {status} without a result"
+
+
+class _Run:
+    """The parent's side of one task: answer its RPC requests, drain its output, enforce the deadline and caps."""
+
+    def __init__(self, zygote, task_id, chan, out_fd, rpc, timeout, max_calls):
+        self.zygote, self.task_id, self.chan, self.out_fd = zygote, task_id, chan, out_fd
+        self.rpc, self.timeout, self.max_calls = rpc, timeout, max_calls
+        self.deadline = time.monotonic() + timeout
+        self.calls, self.reply, self.status, self.failure, self.killed, self.done = 0, None, None, None, False, False
+        self.buf, self.out, self.dropped = b"", bytearray(), 0
+
+    def pump(self):
+        """Until the zygote has reaped the task and everything it started (both channels at EOF)."""
+        poller = select.poll()
+        for fd in (self.chan.fileno(), self.out_fd):
+            poller.register(fd, select.POLLIN)
+        open_fds = 2
+        while open_fds:
+            left = self.deadline - time.monotonic()
+            if left <= 0 and self.killed:
+                return  # the zygote never confirmed the kill: give up on it rather than hang the caller
+            if left <= 0:
+                self.kill() if self.reply else self.fail(f"timeout after {self.timeout:g}s")
+                continue
+            for fd, _ in poller.poll(left * 1000):
+                if not (self.drain_output() if fd == self.out_fd else self.read_messages()):
+                    poller.unregister(fd)
+                    open_fds -= 1
+        self.done = True
+
+    def drain_output(self) -> bytes:
+        data = os.read(self.out_fd, 1 << 16)  # always read, keep little: a print flood must not block the task
+        keep = data[:OUTPUT_CAP - len(self.out)]
+        self.out += keep
+        self.dropped += len(data) - len(keep)
+        return data
+
+    def read_messages(self) -> bytes:
+        data = self.chan.recv(1 << 16)
+        if self.failure:
+            return data
+        *lines, self.buf = (self.buf + data).split(b"\n")
+        for line in lines:
+            if line.strip() and not self.failure:
+                self.handle(line)
+        if len(self.buf) > MESSAGE_CAP:
+            self.fail(f"message over {MESSAGE_CAP} bytes on the RPC channel")
+        return data
+
+    def handle(self, line: bytes):
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            return self.fail("protocol error: a line on the RPC channel is not JSON")
+        if not isinstance(msg, dict):
+            return self.fail("protocol error: a message on the RPC channel is not an object")
+        if set(msg) == {"exit"} and isinstance(msg["exit"], int):
+            self.status = msg["exit"]  # from the zygote, or forged by the task: either way it only explains a failure
+        elif self.reply is not None:
+            self.fail("protocol error: a message after the result")
+        elif set(msg) == {"rpc", "params"} and isinstance(msg["rpc"], str) and isinstance(msg["params"], dict):
+            self.answer(msg["rpc"], msg["params"])
+        elif set(msg) in ({"result"}, {"error"}):
+            self.reply = msg
+            self.deadline = time.monotonic() + CLEANUP_GRACE
+        else:
+            self.fail("protocol error: unexpected message on the RPC channel")
+
+    def answer(self, method: str, params: dict):
+        self.calls += 1
+        if self.calls > self.max_calls:
+            return self.fail(f"too many rpc calls (cap {self.max_calls})")
+        try:
+            if self.rpc is None:
+                raise RuntimeError("no rpc handler was given to this run")
+            reply = json.dumps({"ok": self.rpc(method, params)})
+        except Exception as exc:  # the workflow sees the handler's failure as RuntimeError(str(exc))
+            reply = json.dumps({"error": str(exc)[:ERROR_CAP]})
+        try:
+            self.chan.settimeout(max(0.05, self.deadline - time.monotonic()))
+            self.chan.sendall(reply.encode() + b"\n")
+        except OSError:
+            self.fail("could not deliver an rpc reply (the task stopped reading)")
+
+    def fail(self, reason: str):
+        self.failure = self.failure or reason
+        self.kill()
+
+    def kill(self):
+        if not self.killed:
+            self.killed, self.deadline = True, time.monotonic() + CLEANUP_GRACE
+            try:
+                self.zygote.send({"op": "kill", "id": self.task_id})
+            except OSError:
+                pass  # the zygote is gone, and with it the task's namespace
+
+    def outcome(self, seconds: float) -> Outcome:
+        out = self.out.decode("utf-8", "replace") + (f"\n[{self.dropped} bytes dropped]" if self.dropped else "")
+        if self.failure:
+            return Outcome(False, None, self.failure, out, seconds)
+        if self.reply and "result" in self.reply:
+            return Outcome(True, self.reply["result"], "", out, seconds)
+        error = str(self.reply["error"])[:ERROR_CAP] if self.reply else _describe_exit(self.status)
+        return Outcome(False, None, error or "error", out, seconds)
+
+
+class Sandbox:
+    """Runs `entry(arg)` from one code string, each call in a fresh fork; run() is safe from many threads."""
+
+    def __init__(self, code: str, *, prelude: str = "", filename: str = "workflow.py", preimport=()):
+        self.mode = isolation_mode()
+        self._cfg = dict(code=code, prelude=prelude, filename=filename, preimport=list(PREIMPORT) + list(preimport),
+                         setuid=os.geteuid() == 0, memory=MEMORY_MB << 20, fsize=FILE_MB << 20, nofile=OPEN_FILES,
+                         nproc=PROCESSES, cap=MESSAGE_CAP)
+        self._lock, self._zygote, self._next_id = threading.Lock(), None, 0
+
+    def _start_task(self, theirs: socket.socket, out_w: int):
+        """Hand the zygote a task's fds; (re)start the zygote when it is not running."""
+        for attempt in (1, 2):
+            with self._lock:
+                if self._zygote is None or not self._zygote.alive():
+                    self._zygote = _Zygote(self.mode, self._cfg)
+                zygote, task_id, self._next_id = self._zygote, self._next_id, self._next_id + 1
+            try:
+                zygote.send({"op": "run", "id": task_id}, [theirs.fileno(), out_w])
+                return zygote, task_id
+            except OSError:
+                if attempt == 2:
+                    raise
+                zygote.close()
+
+    def run(self, entry: str, arg, *, rpc=None, timeout: float = 60.0, max_calls: int = 100) -> Outcome:
+        started = time.monotonic()
+        first = json.dumps({"entry": entry, "arg": arg, "timeout": timeout}).encode() + b"\n"
+        chan, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        try:
+            zygote, task_id = self._start_task(theirs, out_w)
+        except BaseException:
+            chan.close()
+            os.close(out_r)
+            raise
+        finally:
+            theirs.close()
+            os.close(out_w)
+        run = _Run(zygote, task_id, chan, out_r, rpc, timeout, max_calls)
+        try:
+            chan.settimeout(timeout)
+            try:
+                chan.sendall(first)
+            except OSError as exc:
+                run.fail(f"could not hand the task its input: {exc}")
+            run.pump()
+        finally:  # also on KeyboardInterrupt: never leave a task running behind us
+            if not run.done:
+                run.kill()
+            chan.close()
+            os.close(out_r)
+        return run.outcome(time.monotonic() - started)
+
+    def close(self):
+        with self._lock:
+            if self._zygote is not None:
+                self._zygote.close()
+                self._zygote = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_once(code: str, entry: str, arg, *, prelude: str = "", filename: str = "workflow.py", **run_kw) -> Outcome:
+    """One task in a sandbox of its own (pays the cold start)."""
+    with Sandbox(code, prelude=prelude, filename=filename) as box:
+        return box.run(entry, arg, **run_kw)
