@@ -36,7 +36,8 @@ MEMORY_MB, FILE_MB, TMPFS_MB, OPEN_FILES, PROCESSES = 2048, 64, 256, 256, 64   #
 OUTPUT_CAP, MESSAGE_CAP, ERROR_CAP = 8192, 1 << 20, 4000     # bytes kept of stdout, of one JSON line, of an error
 CLEANUP_GRACE = 2.0                                          # seconds to wait for a killed task to be reaped
 PREIMPORT = ("json", "re", "math", "random", "collections", "itertools", "functools", "string", "typing", "decimal",
-             "fractions", "statistics", "textwrap", "dataclasses", "heapq", "bisect", "copy", "ast", "operator")
+             "fractions", "statistics", "textwrap", "dataclasses", "heapq", "bisect", "copy", "ast", "operator",
+             "encodings.idna")  # more than bwrap needs: in the other modes, Python under /root is closed to tasks
 
 
 @dataclass
@@ -136,10 +137,9 @@ def start_killer(t):
         try:
             if cfg["setuid"]:  # as the task's uid, kill(-1) reaches exactly the task's processes
                 os.setgroups([]); os.setgid(t["uid"]); os.setuid(t["uid"])
-                for _ in range(2):
-                    try: os.kill(-1, signal.SIGKILL)
-                    except ProcessLookupError: break
-            else: os.killpg(t["pid"], signal.SIGKILL)
+            for _ in range(2):  # one kill(-1) suffices (the kernel aborts forks racing it); the second is cheap insurance
+                try: os.kill(-1, signal.SIGKILL) if cfg["setuid"] else os.killpg(t["pid"], signal.SIGKILL)
+                except ProcessLookupError: break
         finally: os._exit(0)
     t["killer"] = pid; killers[pid] = t
 
@@ -178,8 +178,10 @@ while True:
             for t in list(tasks.values()):
                 if t["id"] == msg["id"]: start_killer(t)
 for t in list(tasks.values()): start_killer(t)
-while killers:
-    select.select([wake_r], [], [], 1.0); reap()
+signal.alarm(5)  # what survives its killer that long (only possible without root) must not hang the parent's close()
+while True:  # every descendant ends up our child once its parents die: reap until none is left
+    try: os.waitpid(-1, 0)
+    except ChildProcessError: break
 '''
 
 MODES = ("bwrap", "unshare", "rlimits")
@@ -208,6 +210,11 @@ def _launcher(mode: str) -> list:
     else:
         cmd += ["--unshare-all"]
     for path in sorted({"/usr", sys.base_prefix, sys.prefix}):
+        parents = [os.path.dirname(path)]
+        while parents[-1] != "/":
+            parents.append(os.path.dirname(parents[-1]))
+        for parent in reversed(parents[:-1]):  # else bwrap copies the host's modes: /root (0700) would lock tasks out
+            cmd += ["--perms", "0755", "--dir", parent]
         cmd += ["--ro-bind", path, path]
     for path in ("/bin", "/lib", "/lib64", "/sbin"):  # merged-/usr systems have these as symlinks
         if os.path.islink(path):
