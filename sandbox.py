@@ -12,8 +12,8 @@ How one `Sandbox` (one candidate workflow) works:
 - A task (when the parent is root): its own session, a random unprivileged uid (so RLIMIT_NPROC applies, it cannot
   signal, ptrace or read other processes, and root-only files are closed to it), a fresh 0700 work dir, no new
   privileges, PR_SET_PDEATHSIG, rlimits on memory, CPU, file size, open files, processes, no core dumps.
-- When the task ends (returns, crashes, or the parent's wall-clock deadline asks), a killer that takes the task's
-  uid sends SIGKILL to every process of that uid (detached grandchildren included) and the work dir is removed.
+- When the task ends (returns, crashes, or the parent's wall-clock deadline asks), the zygote, taking the task's uid
+  for a moment, SIGKILLs every process of that uid (detached grandchildren included) and removes the work dir.
 - The parent validates each JSON line (size, shape), caps RPC calls and keeps the first few KB of output. The result
   travels over the RPC socket, never stdout; a traceback shows only frames of the code's own file.
 Isolation modes, strongest first: `bwrap` (own PID/net/IPC/UTS namespaces, read-only binds of /usr and the Python
@@ -62,7 +62,7 @@ libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: a setuid binary cannot hand a
 libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back here and get reaped
 libc.prctl(4, 0, 0, 0, 0)   # PR_SET_DUMPABLE=0: tasks cannot ptrace the zygote or read its memory
 dumps, loads, ZYGOTE_PID = json.dumps, json.loads, os.getpid()  # bound now: a task's monkeypatches stay in the task
-tasks, killers = {}, {}     # leader pid -> task; killer pid -> task
+tasks = {}  # pid -> task
 
 def task_main(t, rpc_fd, out_fd):
     os.setsid()
@@ -120,48 +120,40 @@ def describe(exc, name):
 def start_task(msg, fds):
     rpc_fd, out_fd = fds
     uid = int.from_bytes(os.urandom(4), "little") % (1 << 30) + (1 << 20) if cfg["setuid"] else os.getuid()
-    t = dict(id=msg["id"], uid=uid, fd=rpc_fd, workdir=os.path.join(cfg["base"], str(msg["id"])), status=None)
+    t = dict(id=msg["id"], uid=uid, fd=rpc_fd, workdir=os.path.join(cfg["base"], str(msg["id"])))
     os.mkdir(t["workdir"], 0o700)
     if cfg["setuid"]: os.chown(t["workdir"], uid, uid)
-    pid = os.fork()
-    if pid == 0:
+    t["pid"] = os.fork()
+    if t["pid"] == 0:
         try: signal.set_wakeup_fd(-1); signal.signal(signal.SIGCHLD, signal.SIG_DFL); task_main(t, rpc_fd, out_fd)
         finally: os._exit(70)
     os.close(out_fd)
-    t["pid"] = pid; tasks[pid] = t
+    tasks[t["pid"]] = t
 
-def start_killer(t):
-    if "killer" in t: return
-    pid = os.fork()
-    if pid == 0:
-        try:
-            if cfg["setuid"]:  # as the task's uid, kill(-1) reaches exactly the task's processes
-                os.setgroups([]); os.setgid(t["uid"]); os.setuid(t["uid"])
-            for _ in range(2):  # one kill(-1) suffices (the kernel aborts forks racing it); the second is cheap insurance
-                try: os.kill(-1, signal.SIGKILL) if cfg["setuid"] else os.killpg(t["pid"], signal.SIGKILL)
-                except ProcessLookupError: break
-        finally: os._exit(0)
-    t["killer"] = pid; killers[pid] = t
-
-def finish(t):
-    shutil.rmtree(t["workdir"], ignore_errors=True)
-    os.set_blocking(t["fd"], False)
-    try: os.write(t["fd"], b"\n" + dumps({"exit": t["status"]}).encode() + b"\n")
-    except OSError: pass
-    os.close(t["fd"])
-    del tasks[t["pid"]]
+def kill_task(t):
+    # With the task's uid as real uid, kill(-1) reaches exactly its processes, detached ones included, and the kernel
+    # aborts any fork racing it; the saved uid 0 lets the zygote switch back. Without root: its process group only.
+    try:
+        if not cfg["setuid"]: return os.killpg(t["pid"], signal.SIGKILL)
+        os.setresuid(t["uid"], t["uid"], 0)
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError: pass
+    finally:
+        if cfg["setuid"]: os.setresuid(0, 0, 0)
 
 def reap():
     while True:
         try: pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError: return
         if pid == 0: return
-        if pid in tasks:
-            t = tasks[pid]; t["status"] = os.waitstatus_to_exitcode(status); start_killer(t)
-        elif pid in killers:
-            t = killers.pop(pid); t["killed"] = True
-        else: continue  # an orphaned grandchild
-        if t["status"] is not None and t.get("killed"): finish(t)
+        t = tasks.pop(pid, None)
+        if t is None: continue  # an orphan of some task, already killed: reaped here because we are its subreaper
+        kill_task(t)
+        shutil.rmtree(t["workdir"], ignore_errors=True)
+        os.set_blocking(t["fd"], False)  # the channel may be full; the exit status is only a courtesy
+        try: os.write(t["fd"], b"\n" + dumps({"exit": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+        except OSError: pass
+        os.close(t["fd"])  # with the task's processes dead, the parent now sees EOF
 
 ctrl = socket.socket(fileno=cfg["ctrl"])
 wake_r, wake_w = os.pipe(); os.set_blocking(wake_w, False)
@@ -176,9 +168,9 @@ while True:
         if msg["op"] == "run" and len(fds) == 2: start_task(msg, fds)
         elif msg["op"] == "kill":
             for t in list(tasks.values()):
-                if t["id"] == msg["id"]: start_killer(t)
-for t in list(tasks.values()): start_killer(t)
-signal.alarm(5)  # what survives its killer that long (only possible without root) must not hang the parent's close()
+                if t["id"] == msg["id"]: kill_task(t)
+for t in list(tasks.values()): kill_task(t)
+signal.alarm(5)  # what survives that long (only possible without root) must not hang the parent's close()
 while True:  # every descendant ends up our child once its parents die: reap until none is left
     try: os.waitpid(-1, 0)
     except ChildProcessError: break
