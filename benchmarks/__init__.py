@@ -131,7 +131,8 @@ def extract_code(answer, entry_point=None):
     return (defining or blocks)[-1]
 
 
-_TEST_BOX, _TEST_BOX_LOCK = None, threading.Lock()  # one sandbox for all test runs: each run() is a fresh fork of it, so nothing leaks between samples
+# One sandbox for every test run: each run() is a fresh fork of it, so nothing leaks from one sample to the next.
+_TEST_BOX, _TEST_BOX_LOCK = None, threading.Lock()
 _HARNESS = """def run_program(src):
     exec(compile(src, 'candidate.py', 'exec'), {'__name__': 'candidate'})  # not __main__: skip demo/input() blocks
     return True

@@ -27,9 +27,10 @@ def load(which):
 
 def normalize(s):
     s = str(s).strip().replace('\n', '').rstrip('.')
-    for a, b in [('\\!', ''), ('\\,', ''), ('\\;', ''), ('\\ ', ''), ('dfrac', 'frac'), ('tfrac', 'frac'), ('\\left', ''),
-                 ('\\right', ''), ('^{\\circ}', ''), ('^\\circ', ''), ('\\%', ''), ('%', ''), ('\\$', ''), ('$', ''),
-                 ('\\displaystyle', ''), ('\\mbox', '\\text'), ('\\textbf', '\\text'), ('\\mathrm', '\\text')]:
+    for a, b in [('\\!', ''), ('\\,', ''), ('\\;', ''), ('\\ ', ''), ('dfrac', 'frac'), ('tfrac', 'frac'),
+                 ('\\left', ''), ('\\right', ''), ('^{\\circ}', ''), ('^\\circ', ''), ('\\%', ''), ('%', ''),
+                 ('\\$', ''), ('$', ''), ('\\displaystyle', ''), ('\\mbox', '\\text'), ('\\textbf', '\\text'),
+                 ('\\mathrm', '\\text')]:
         s = s.replace(a, b)
     s = re.sub(r'(\d)\s*\\text\{\s*[a-zA-Z][a-zA-Z\s]*\}(\^[23])?$', r'\1', s)  # trailing units: 10\text{ cm}^2
     s = re.sub(r'\\text\{(.*?)\}', r'\1', s)

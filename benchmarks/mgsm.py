@@ -8,9 +8,9 @@ Score: numeric match of the final number. Leaves out: the MGSM few-shot exemplar
 import types
 from . import MGSM_LANGUAGES, data_path, split, numeric_match
 
-DESCRIPTION = ('Grade-school math word problems written in one of 11 languages (MGSM: Bengali, German, English, Spanish, '
-               'French, Japanese, Russian, Swahili, Telugu, Thai, Chinese). Each answer is a single number; return only '
-               'that number, e.g. "42".')
+DESCRIPTION = ('Grade-school math word problems written in one of 11 languages (MGSM: Bengali, German, English, '
+               'Spanish, French, Japanese, Russian, Swahili, Telugu, Thai, Chinese). Each answer is a single number; '
+               'return only that number, e.g. "42".')
 SEEDS = ['cot', 'cot_sc', 'pot', 'self_refine']
 EXTRA_SEEDS = {}
 N_VAL, SEED = 20, 0
