@@ -63,6 +63,7 @@ DROP_F1 = [  # (answer, references, F1) as the official DROP evaluation computes
     ('50.6 percent', ['50.6'], 0.67),                                      # rounded to 2 decimals like the official
     ('49', ['50.6', '49.7'], 0.0), ('49 yards', ['48 yards'], 0.0),          # a wrong number gets no credit
     ('well-known', ['well known'], 1.0), ('The Eagles', ['eagles'], 1.0), ('', ['x'], 0.0),
+    ('Step 1: the field goals were 19 and 9 yards long.\nSo the longest is \\boxed{19}.', ['19'], 1.0),  # a CoT reply
 ]
 
 

@@ -84,9 +84,9 @@ def last_boxed(text):
     return None
 
 
-def extract_answer(text):
+def extract_answer(text, last_number=True):
     """The final answer inside a free-text reply: last \\boxed{}, else what follows the last "answer is", else the
-    text itself when it is short (workflows usually return just the answer), else the last number."""
+    text itself when it is short (workflows usually return just the answer), else the last number (if last_number)."""
     text = str(text).strip()
     boxed = last_boxed(text)
     if boxed is not None:
@@ -94,7 +94,7 @@ def extract_answer(text):
     m = re.findall(r'answer is[:\s]*(.+)', text, flags=re.I)
     if m:
         return m[-1].strip().rstrip('.').strip('$ ')
-    if len(text) <= 60 and '\n' not in text:
+    if len(text) <= 60 and '\n' not in text or not last_number:
         return text
     nums = re.findall(r'-?\d[\d,]*(?:\.\d+)?', text)
     return nums[-1] if nums else text

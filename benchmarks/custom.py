@@ -28,7 +28,7 @@ def _code_score(example, answer):
 
 def _exact(example, answer):
     same = lambda text: ' '.join(str(text).split()).casefold()  # noqa: E731
-    return float(same(extract_answer(answer)) == same(example['answer']))
+    return float(same(extract_answer(answer, last_number=False)) == same(example['answer']))
 
 
 SCORE = {

@@ -4,10 +4,11 @@
 Score: token-level F1 as the official DROP evaluation (drop_eval.py) defines it: lower-case, tokenise on spaces and
 hyphens, drop punctuation (not inside numbers) and articles, write numbers as floats, compare token sets; F1 is 0 when
 the reference has numbers and none of them appears in the answer; max over references, rounded to 2 decimals.
+The answer is the reply's last \\boxed{} or what follows "the answer is", else the whole reply (as ADAS scores it).
 Leaves out: multi-span alignment (ADAS and W4S score each reference as one span, and so do we).
 """
 import re, string
-from . import data_path, read_jsonl, split
+from . import data_path, read_jsonl, split, extract_answer
 
 DESCRIPTION = ('Reading comprehension with discrete reasoning (DROP): the task text is a passage and a question '
                'needing counting, arithmetic, sorting or span extraction. Return only the short answer: a number, a '
@@ -53,5 +54,5 @@ def f1(answer, reference):
 
 
 def score(example, answer):
-    refs = example['answer']
+    refs, answer = example['answer'], extract_answer(answer, last_number=False)  # a CoT reply's \boxed{} answer
     return max(f1(answer, ref) for ref in (refs if isinstance(refs, list) else [refs]))
