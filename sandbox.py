@@ -178,50 +178,44 @@ while True:  # every descendant ends up our child once its parents die: reap unt
 
 MODES = ("bwrap", "unshare", "rlimits")
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # the zygote's whole environment: no keys, no proxies
-_probed, _warned, _mode_lock = {}, [], threading.Lock()
+_probed, _mode_lock = {}, threading.Lock()
 
 
 def _launcher(mode: str) -> list:
     """The command prefix that puts the zygote inside `mode`'s isolation."""
-    root = os.geteuid() == 0
-    if mode == "unshare":  # a user namespace only when needed: as root it would map uid 0 alone, no uid for tasks
-        return ["unshare", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"] + (
-            [] if root else ["--user", "--map-root-user"])
+    root = os.geteuid() == 0  # as root a user namespace would map uid 0 alone, leaving no unprivileged uid for tasks
     if mode != "bwrap":
-        return []
-    cmd = ["bwrap", "--new-session", "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev",
-           "--perms", "0711", "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
+        return [] if mode == "rlimits" else ["unshare", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child",
+                                             "--mount-proc"] + ([] if root else ["--user", "--map-root-user"])
+    # No --die-with-parent: its PDEATHSIG fires when the *thread* that started bwrap exits, which would kill a live
+    # sandbox started from a thread pool. The zygote exits on EOF of its control socket instead, which the kernel
+    # delivers when the parent dies for any reason.
+    cmd = ["bwrap", "--new-session", "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev", "--perms", "0711",
+           "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
            "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-    # No --die-with-parent: its PDEATHSIG fires when the *thread* that spawned bwrap exits, which would kill a live
-    # sandbox from a thread pool. The zygote exits instead when its control socket reaches EOF, which the kernel
-    # guarantees when the parent dies for any reason.
-    if root:  # the zygote keeps only what it needs to give each task its own uid and dir, and remove it after
+    if root:  # the zygote keeps only what it needs to give each task its own uid and dir, and remove them after
         cmd += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
-        for cap in ("SETUID", "SETGID", "CHOWN", "DAC_OVERRIDE"):
-            cmd += ["--cap-add", "CAP_" + cap]
+        cmd += [arg for cap in ("SETUID", "SETGID", "CHOWN", "DAC_OVERRIDE") for arg in ("--cap-add", "CAP_" + cap)]
     else:
         cmd += ["--unshare-all"]
     for path in sorted({"/usr", sys.base_prefix, sys.prefix}):
-        parents = [os.path.dirname(path)]
-        while parents[-1] != "/":
-            parents.append(os.path.dirname(parents[-1]))
-        for parent in reversed(parents[:-1]):  # else bwrap copies the host's modes: /root (0700) would lock tasks out
-            cmd += ["--perms", "0755", "--dir", parent]
-        cmd += ["--ro-bind", path, path]
-    for path in ("/bin", "/lib", "/lib64", "/sbin"):  # merged-/usr systems have these as symlinks
-        if os.path.islink(path):
-            cmd += ["--symlink", os.readlink(path), path]
-        elif os.path.isdir(path):
-            cmd += ["--ro-bind", path, path]
+        parents = [p for p in _ancestors(path) if p != "/"]  # 0755, else bwrap copies /root's 0700: tasks locked out
+        cmd += [arg for p in reversed(parents) for arg in ("--perms", "0755", "--dir", p)] + ["--ro-bind", path, path]
+    for path in ("/bin", "/lib", "/lib64", "/sbin"):  # symlinks into /usr on merged-/usr systems
+        if os.path.islink(path) or os.path.isdir(path):
+            cmd += ["--symlink", os.readlink(path), path] if os.path.islink(path) else ["--ro-bind", path, path]
     return cmd + ["--"]
+
+
+def _ancestors(path: str) -> list:
+    return [] if path == "/" else [os.path.dirname(path)] + _ancestors(os.path.dirname(path))
 
 
 def _available(mode: str) -> bool:
     if mode not in _probed:
         try:
             _probed[mode] = subprocess.run(_launcher(mode) + [sys.executable, "-I", "-c", "pass"], env=ENV, timeout=20,
-                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL).returncode == 0
+                                           stdin=subprocess.DEVNULL, capture_output=True).returncode == 0
         except (OSError, subprocess.SubprocessError):
             _probed[mode] = False
     return _probed[mode]
@@ -234,61 +228,43 @@ def isolation_mode() -> str:
         if forced and (forced not in MODES or not _available(forced)):
             raise RuntimeError(f"W4S_SANDBOX={forced!r}: not one of {MODES} that works on this machine")
         mode = forced or next(m for m in MODES if _available(m))
-        if mode == "rlimits" and not _warned:
-            _warned.append(True)
-            print("w4s sandbox: WARNING: no bwrap or unshare here; workflows run as plain processes with rlimits: they"
-                  " share the host network and can read world-readable files", file=sys.stderr)
+        if mode == "rlimits" and not _probed.get("warned"):
+            _probed["warned"] = True
+            print("w4s sandbox: WARNING: rlimits mode: workflows run as plain processes that share the host network and"
+                  " can read world-readable files; install bubblewrap for isolation", file=sys.stderr)
     return mode
 
 
 class _Zygote:
-    """One isolated, pre-imported process that forks a task per request; the parent talks to it over a socket."""
+    """The isolated, pre-imported process that forks one task per request, driven over a SOCK_SEQPACKET socket."""
 
     def __init__(self, mode: str, cfg: dict):
         self.base = None if mode == "bwrap" else tempfile.mkdtemp(prefix="w4s-sandbox-")
         if self.base:
             os.chmod(self.base, 0o711)  # tasks may enter their own dir below, never list or write here
-        self.ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message = one request
+        self.ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message, one request
         self.lock = threading.Lock()
         self.proc = subprocess.Popen(_launcher(mode) + [sys.executable, "-I", "-c", ZYGOTE], env=ENV,
                                      cwd=self.base or "/", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      pass_fds=[theirs.fileno()])
-        self._finalizer = weakref.finalize(self, _shutdown, self.proc, self.ctrl, self.base)
-        try:
-            cfg = dict(cfg, ctrl=theirs.fileno(), base=self.base or "/tmp")
-            self.proc.stdin.write(json.dumps(cfg).encode() + b"\n")
-            self.proc.stdin.close()
-        finally:
-            theirs.close()
+        self.close = weakref.finalize(self, _Zygote.shutdown, self.proc, self.ctrl, self.base)
+        with theirs, self.proc.stdin:
+            self.proc.stdin.write(json.dumps(dict(cfg, ctrl=theirs.fileno(), base=self.base or "/tmp")).encode() + b"\n")
 
     def send(self, msg: dict, fds=()):
         with self.lock:
             socket.send_fds(self.ctrl, [json.dumps(msg).encode()], list(fds))
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def close(self):
-        self._finalizer()
-
-
-def _shutdown(proc, ctrl, base):
-    ctrl.close()  # EOF: the zygote kills every task and exits, which ends its namespaces
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    if base:
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _describe_exit(status) -> str:
-    if status is None:
-        return "the sandbox lost the task (its zygote died)"
-    if status < 0:
-        return f"exit code {status} ({signal.Signals(-status).name})"
-    return f"exit code {status} without a result"
+    @staticmethod
+    def shutdown(proc, ctrl, base):
+        ctrl.close()  # EOF: the zygote kills every task and exits, which also ends its namespaces
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if base:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 class _Run:
@@ -296,67 +272,56 @@ class _Run:
 
     def __init__(self, zygote, task_id, chan, out_fd, rpc, timeout, max_calls):
         self.zygote, self.task_id, self.chan, self.out_fd = zygote, task_id, chan, out_fd
-        self.rpc, self.timeout, self.max_calls = rpc, timeout, max_calls
-        self.deadline = time.monotonic() + timeout
-        self.calls, self.reply, self.status, self.failure, self.killed, self.done = 0, None, None, None, False, False
-        self.buf, self.out, self.dropped = b"", bytearray(), 0
+        self.rpc, self.timeout, self.max_calls, self.deadline = rpc, timeout, max_calls, time.monotonic() + timeout
+        self.calls, self.reply, self.status, self.failure, self.killed, self.done = 0, None, None, "", False, False
+        self.buf, self.out, self.dropped = b"", b"", 0
 
     def pump(self):
-        """Until the zygote has reaped the task and everything it started (both channels at EOF)."""
-        poller = select.poll()
-        for fd in (self.chan.fileno(), self.out_fd):
+        """Serve the task until the zygote has reaped it and killed what it started (both channels at EOF)."""
+        poller, open_fds = select.poll(), {self.chan.fileno(), self.out_fd}
+        for fd in open_fds:
             poller.register(fd, select.POLLIN)
-        open_fds = 2
         while open_fds:
             left = self.deadline - time.monotonic()
             if left <= 0 and self.killed:
                 return  # the zygote never confirmed the kill: give up on it rather than hang the caller
             if left <= 0:
-                self.kill() if self.reply else self.fail(f"timeout after {self.timeout:g}s")
-                continue
-            for fd, _ in poller.poll(left * 1000):
-                if not (self.drain_output() if fd == self.out_fd else self.read_messages()):
+                self.fail("" if self.reply else f"timeout after {self.timeout:g}s")
+            for fd, _ in poller.poll(max(left, 0) * 1000):
+                data = os.read(fd, 1 << 16)
+                if fd == self.out_fd:  # always read, keep little: a print flood must neither block nor grow us
+                    keep = data[:max(0, OUTPUT_CAP - len(self.out))]
+                    self.out, self.dropped = self.out + keep, self.dropped + len(data) - len(keep)
+                else:
+                    self.read_lines(data)
+                if not data:
                     poller.unregister(fd)
-                    open_fds -= 1
+                    open_fds.discard(fd)
         self.done = True
 
-    def drain_output(self) -> bytes:
-        data = os.read(self.out_fd, 1 << 16)  # always read, keep little: a print flood must not block the task
-        keep = data[:OUTPUT_CAP - len(self.out)]
-        self.out += keep
-        self.dropped += len(data) - len(keep)
-        return data
-
-    def read_messages(self) -> bytes:
-        data = self.chan.recv(1 << 16)
-        if self.failure:
-            return data
+    def read_lines(self, data: bytes):
         *lines, self.buf = (self.buf + data).split(b"\n")
-        for line in lines:
-            if line.strip() and not self.failure:
-                self.handle(line)
+        for line in filter(bytes.strip, lines):
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                msg = None
+            if self.failure:
+                return
+            elif isinstance(msg, dict) and set(msg) == {"exit"} and isinstance(msg["exit"], int):
+                self.status = msg["exit"]  # from the zygote, or forged by the task: it can only explain a failure
+            elif self.reply is not None:
+                self.fail("protocol error: a message after the result")
+            elif isinstance(msg, dict) and set(msg) in ({"result"}, {"error"}):
+                self.reply, self.deadline = msg, time.monotonic() + CLEANUP_GRACE
+            elif isinstance(msg, dict) and set(msg) == {"rpc", "params"} and isinstance(msg["rpc"], str) and \
+                    isinstance(msg["params"], dict):
+                self.answer(msg["rpc"], msg["params"])
+            else:
+                self.fail("protocol error: a line on the RPC channel is not a valid message")
         if len(self.buf) > MESSAGE_CAP:
+            self.buf = b""
             self.fail(f"message over {MESSAGE_CAP} bytes on the RPC channel")
-        return data
-
-    def handle(self, line: bytes):
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            return self.fail("protocol error: a line on the RPC channel is not JSON")
-        if not isinstance(msg, dict):
-            return self.fail("protocol error: a message on the RPC channel is not an object")
-        if set(msg) == {"exit"} and isinstance(msg["exit"], int):
-            self.status = msg["exit"]  # from the zygote, or forged by the task: either way it only explains a failure
-        elif self.reply is not None:
-            self.fail("protocol error: a message after the result")
-        elif set(msg) == {"rpc", "params"} and isinstance(msg["rpc"], str) and isinstance(msg["params"], dict):
-            self.answer(msg["rpc"], msg["params"])
-        elif set(msg) in ({"result"}, {"error"}):
-            self.reply = msg
-            self.deadline = time.monotonic() + CLEANUP_GRACE
-        else:
-            self.fail("protocol error: unexpected message on the RPC channel")
 
     def answer(self, method: str, params: dict):
         self.calls += 1
@@ -375,10 +340,9 @@ class _Run:
             self.fail("could not deliver an rpc reply (the task stopped reading)")
 
     def fail(self, reason: str):
+        """Record the first reason (none: just end the task) and ask the zygote, the only one who can name the task's
+        processes inside its PID namespace, to kill them."""
         self.failure = self.failure or reason
-        self.kill()
-
-    def kill(self):
         if not self.killed:
             self.killed, self.deadline = True, time.monotonic() + CLEANUP_GRACE
             try:
@@ -388,12 +352,15 @@ class _Run:
 
     def outcome(self, seconds: float) -> Outcome:
         out = self.out.decode("utf-8", "replace") + (f"\n[{self.dropped} bytes dropped]" if self.dropped else "")
-        if self.failure:
-            return Outcome(False, None, self.failure, out, seconds)
-        if self.reply and "result" in self.reply:
+        if self.reply and "result" in self.reply and not self.failure:
             return Outcome(True, self.reply["result"], "", out, seconds)
-        error = str(self.reply["error"])[:ERROR_CAP] if self.reply else _describe_exit(self.status)
-        return Outcome(False, None, error or "error", out, seconds)
+        error = self.failure or (str(self.reply["error"])[:ERROR_CAP] if self.reply else "")
+        if not error and self.status is None:
+            error = "the sandbox lost the task (its zygote died)"
+        elif not error:
+            error = f"exit code {self.status}" + (f" ({signal.Signals(-self.status).name})" if self.status < 0
+                                                  else " without a result")
+        return Outcome(False, None, error, out, seconds)
 
 
 class Sandbox:
@@ -406,48 +373,30 @@ class Sandbox:
                          nproc=PROCESSES, cap=MESSAGE_CAP)
         self._lock, self._zygote, self._next_id = threading.Lock(), None, 0
 
-    def _start_task(self, theirs: socket.socket, out_w: int):
-        """Hand the zygote a task's fds; (re)start the zygote when it is not running."""
-        for attempt in (1, 2):
-            with self._lock:
-                if self._zygote is None or not self._zygote.alive():
-                    self._zygote = _Zygote(self.mode, self._cfg)
-                zygote, task_id, self._next_id = self._zygote, self._next_id, self._next_id + 1
-            try:
-                zygote.send({"op": "run", "id": task_id}, [theirs.fileno(), out_w])
-                return zygote, task_id
-            except OSError:
-                if attempt == 2:
-                    raise
-                zygote.close()
-
     def run(self, entry: str, arg, *, rpc=None, timeout: float = 60.0, max_calls: int = 100) -> Outcome:
         started = time.monotonic()
         first = json.dumps({"entry": entry, "arg": arg, "timeout": timeout}).encode() + b"\n"
+        with self._lock:  # (re)start the zygote when it is not running: a task may have brought it down
+            if self._zygote is None or self._zygote.proc.poll() is not None:
+                self._zygote = _Zygote(self.mode, self._cfg)
+            zygote, task_id, self._next_id = self._zygote, self._next_id, self._next_id + 1
         chan, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
-        try:
-            zygote, task_id = self._start_task(theirs, out_w)
-        except BaseException:
-            chan.close()
-            os.close(out_r)
-            raise
-        finally:
-            theirs.close()
-            os.close(out_w)
         run = _Run(zygote, task_id, chan, out_r, rpc, timeout, max_calls)
         try:
-            chan.settimeout(timeout)
             try:
-                chan.sendall(first)
-            except OSError as exc:
-                run.fail(f"could not hand the task its input: {exc}")
+                zygote.send({"op": "run", "id": task_id}, [theirs.fileno(), out_w])
+            finally:
+                theirs.close(), os.close(out_w)
+            chan.settimeout(timeout)
+            chan.sendall(first)
             run.pump()
+        except OSError as exc:  # the zygote or the task died before the task got its input
+            run.fail(f"could not start the task: {exc}")
         finally:  # also on KeyboardInterrupt: never leave a task running behind us
             if not run.done:
-                run.kill()
-            chan.close()
-            os.close(out_r)
+                run.fail("")
+            chan.close(), os.close(out_r)
         return run.outcome(time.monotonic() - started)
 
     def close(self):
