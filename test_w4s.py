@@ -71,6 +71,9 @@ class StubHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
+    def do_GET(self):  # /v1/models: the client's up-front check
+        self.send_json(200, {"object": "list", "data": [{"id": "stub", "object": "model"}]})
+
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.server.lock:
@@ -196,3 +199,108 @@ def test_repetition_loop_is_detected():
 
 def test_varied_text_is_not_a_repetition_loop():
     assert not w4s.repeats_itself(list(range(128)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The loop, through the real openai SDK against the local server
+
+def read_trajectory(out):
+    return [json.loads(line) for line in open(os.path.join(out, "trajectory.jsonl"))]
+
+
+def test_openai_path_runs_a_full_optimization(server, sums_task, tmp_path):
+    assert stub_run(server, sums_task, tmp_path / "run") == 0
+    report = json.load(open(tmp_path / "run" / "report.json"))
+    assert report["status"] == "finished" and report["best"]["test"]["accuracy"] == 1.0
+
+
+def test_every_action_is_logged_with_its_reward(server, sums_task, tmp_path):
+    stub_run(server, sums_task, tmp_path / "run")
+    rows = read_trajectory(tmp_path / "run")
+    assert [(r["iteration"], r["sample"]) for r in rows] == [(i, j) for i in (1, 2) for j in range(3)]
+
+
+def test_near_copies_are_rejected_before_any_executor_call(server, sums_task, tmp_path):
+    stub_run(server, sums_task, tmp_path / "run")
+    rejected = [r for r in read_trajectory(tmp_path / "run") if r["status"] == "rejected"]
+    assert rejected and all(r["reward"] == 0 and "near-copy" in r["reason"] for r in rejected)
+
+
+def test_best_of_m_continues(server, sums_task, tmp_path):
+    stub_run(server, sums_task, tmp_path / "run")
+    for it in (1, 2):
+        ok = [r for r in read_trajectory(tmp_path / "run") if r["iteration"] == it and r["status"] == "ok"]
+        chosen = [r for r in ok if r["chosen"]]
+        assert len(chosen) == (1 if ok else 0)
+        assert not ok or chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in ok)
+
+
+def test_no_test_question_ever_reaches_the_meta_agent(server, sums_task, tmp_path):
+    stub_run(server, sums_task, tmp_path / "run")
+    report = json.load(open(tmp_path / "run" / "report.json"))
+    questions = {json.loads(line)["id"]: json.loads(line)["question"] for line in open(sums_task)}
+    meta_text = json.dumps([b["messages"] for b in server.log if b["messages"][0]["content"] == w4s.META_SYSTEM])
+    assert report["splits"]["test"] and all(questions[i] not in meta_text for i in report["splits"]["test"])
+
+
+def test_a_rerun_pays_for_nothing(server, sums_task, tmp_path):
+    stub_run(server, sums_task, tmp_path / "a")
+    paid = len(server.log)
+    stub_run(server, sums_task, tmp_path / "b")
+    assert paid > 0 and len(server.log) == paid
+
+
+def test_sampled_calls_are_distinct_cache_entries(server, tmp_path):
+    cache = w4s.Cache(str(tmp_path / "c.sqlite"))
+    llm = w4s.LLM(server.url + ":exec", "executor", w4s.Ledger(), cache)
+    msgs = [{"role": "user", "content": "Compute 1 + 2."}]
+    llm.chat(msgs, 0.7, sample=0), llm.chat(msgs, 0.7, sample=1), llm.chat(msgs, 0.7, sample=0)
+    assert len(server.log) == 2
+
+
+def test_self_debug_sends_the_workflows_own_line_numbers(sums_task, tmp_path):
+    broken = "```python\ndef solver(agent, task):\n    x = 1\n    return x / 0\n```\n"
+    s = StubOpenAI(meta_replies=[broken, "```python\n" + GOOD_WORKFLOW + "```\n"])
+    stub_run(s, sums_task, tmp_path / "run", "--iterations", "1", "--samples", "1")
+    fix_request = [b for b in s.log if b["messages"][0]["content"] == w4s.META_SYSTEM][1]
+    s.shutdown()
+    assert 'File "workflow.py", line 3' in fix_request["messages"][-1]["content"]
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, "w4s.py"), *args], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, **(env or {})))
+
+
+def assert_one_line_error(proc, needle):
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert needle in proc.stderr.strip().splitlines()[-1]
+
+
+def test_unknown_task_is_one_clear_line():
+    assert_one_line_error(run_cli("--task", "nosuch", "--evaluate", "cot"), "unknown task")
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_is_one_clear_line(sums_task):
+    url = f"http://127.0.0.1:{closed_port()}/v1:model"
+    proc = run_cli("--task", sums_task, "--scorer", "numeric", "--executor", url, "--evaluate", "cot")
+    assert_one_line_error(proc, "cannot reach")
+
+
+def test_openai_model_without_key_is_one_clear_line(sums_task):
+    proc = run_cli("--task", sums_task, "--scorer", "numeric", "--executor", "gpt-4o-mini", "--evaluate", "cot",
+                   env={"OPENAI_API_KEY": ""})
+    assert_one_line_error(proc, "OPENAI_API_KEY")
+
+
+def test_evaluate_prints_one_json_line(server, sums_task):
+    proc = run_cli("--task", sums_task, "--scorer", "numeric", "--executor", server.url + ":exec",
+                   "--evaluate", "cot", "--split", "test", "--limit", "3")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (out["n"], out["failed"]) == (3, 0) and 0 <= out["accuracy"] <= 1

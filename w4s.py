@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int, default=16, help="max executor calls in flight across all workflows")
     p.add_argument("--timeout", type=float, default=None, help="wall-clock seconds per validation sample in the sandbox "
                    "(default 120 with an API executor, 1800 with embedded models)")
+    p.add_argument("--max-tokens", type=int, default=None, help="executor reply budget per call (default 2048 with an "
+                   "API executor, 768 with embedded models: longer CPU replies were nearly always wrong anyway)")
     p.add_argument("--budget-usd", type=float, default=None, help="stop cleanly once this many dollars are spent")
     p.add_argument("--max-calls", type=int, default=None, help="stop cleanly after this many paid (uncached) LLM calls")
     p.add_argument("--reward", choices=["discrete", "continuous"], default="discrete",
@@ -91,7 +93,7 @@ def apply_defaults(cfg):
     cfg.executor = cfg.executor or ("gpt-4o-mini" if has_key else "embedded:qwen2.5-coder-1.5b")
     local = is_local_spec(cfg.executor)
     for name, api, offline in [("iterations", 30, 2), ("samples", 5, 3), ("val_size", 50, 6),
-                               ("test_size", 200, 10), ("timeout", 120.0, 1800.0)]:
+                               ("test_size", 200, 10), ("timeout", 120.0, 1800.0), ("max_tokens", 2048, 768)]:
         if getattr(cfg, name) is None:
             setattr(cfg, name, offline if local else api)
     return cfg
@@ -478,14 +480,23 @@ class LLM:
 
 
 def openai_client(spec):
+    """An OpenAI SDK client, checked once up front (listing models is free) so that a bad key or an unreachable
+    server is one clear error now rather than a failed sample in every workflow later."""
     import openai
     key = os.environ.get("OPENAI_API_KEY")
-    if spec.startswith("http"):
-        base = spec.rsplit(":", 1)[0]
-        return openai.OpenAI(api_key=key or "none", base_url=base, max_retries=0, timeout=120)
-    if not key:
+    if not spec.startswith("http") and not key:
         raise UserError(f"model {spec!r} needs OPENAI_API_KEY (or use embedded:qwen2.5-coder-1.5b offline)")
-    return openai.OpenAI(api_key=key, max_retries=0, timeout=120)
+    base = spec.rsplit(":", 1)[0] if spec.startswith("http") else None
+    client = openai.OpenAI(api_key=key or "none", base_url=base, max_retries=0, timeout=120)
+    try:
+        client.with_options(timeout=15, max_retries=1).models.list()
+    except openai.AuthenticationError:
+        raise UserError(f"{spec}: the API key was rejected (check OPENAI_API_KEY)") from None
+    except openai.APIConnectionError:
+        raise UserError(f"{spec}: cannot reach {base or 'the OpenAI API'} (is the server running?)") from None
+    except openai.APIStatusError:
+        pass  # some compatible servers have no /models; the first real call will tell
+    return client
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -999,7 +1010,6 @@ def setup(args):
     cfg.test = random.Random(cfg.seed + 1).sample(test, min(cfg.test_size, len(test)))
     if not cfg.val:
         raise UserError(f"task {cfg.task_name} has no validation examples")
-    cfg.max_tokens = 768 if is_local_spec(cfg.executor) else 2048  # executor reply budget per call
     cfg.meta_max_tokens = 1024
     cfg.max_calls_per_sample = 50
     cfg.debug_rounds = 3
