@@ -182,12 +182,12 @@ def solver(agent, task):
 def get_task(name_or_jsonl_path, scorer=None, description=None):
     """A built-in task by name ('mgsm-de' = MGSM German only), or a custom task from a JSONL file."""
     name = name_or_jsonl_path
-    if name.endswith('.jsonl') or os.path.isfile(name):
-        from . import custom
-        return custom.make_task(name, scorer, description)
     if name.startswith('mgsm-') and name[5:] in MGSM_LANGUAGES:
         from . import mgsm
         return mgsm.for_language(name[5:])
-    if name not in TASKS:
-        raise ValueError(f'unknown task {name!r}; built-in tasks: {", ".join(TASKS)}, mgsm-XX, or a .jsonl file')
-    return importlib.import_module(f'{__name__}.{name.replace("-", "_")}')
+    if name in TASKS:  # before the file check: a file called "math" in the current folder must not win
+        return importlib.import_module(f'{__name__}.{name.replace("-", "_")}')
+    if name.endswith('.jsonl') or os.path.isfile(name):
+        from . import custom
+        return custom.make_task(name, scorer, description)
+    raise ValueError(f'unknown task {name!r}; built-in tasks: {", ".join(TASKS)}, mgsm-XX, or a .jsonl file')
