@@ -1,33 +1,28 @@
-"""Sandboxed workflow executor for W4S.
+"""Sandboxed workflow executor for W4S: runs the meta-agent's untrusted workflow code, one task (validation sample) at
+a time; every executor-LLM call (`agent.call_llm`, `agent.execute_code`) leaves the child as an RPC request, so the API
+client, keys, cache, budget and expected answers stay in the parent.
 
-Every workflow the meta-agent writes is untrusted code. W4S evaluates it on each validation sample: `solver(agent,
-task)` runs here, in a child process, and every executor-LLM call (`agent.call_llm`, `agent.execute_code`) leaves the
-child as an RPC request over a private socket; the parent owns the API client, keys, cache, budget and the answers.
+- A *zygote* per Sandbox (per candidate workflow): one `python -I` process inside the strongest isolation available,
+  with an empty environment and common modules pre-imported. For each run() the parent passes it an RPC socket and an
+  output pipe over a unix socket; it forks a task that execs prelude + code in fresh globals and calls entry(arg).
+  A fork per task: globals, monkeypatched builtins or json never reach the next task, at ~ms instead of a cold start.
+- A task (parent running as root) gets its own session, a random unprivileged uid (RLIMIT_NPROC applies; it cannot
+  signal, ptrace or read other processes or root-only files), a fresh 0700 work dir, no new privileges, a parent-death
+  signal, and rlimits on memory, CPU, file size, open files and processes, no core dumps.
+- When a task ends (returns, crashes, or the parent's deadline asks) the zygote, briefly taking the task's uid,
+  SIGKILLs every process of that uid (detached grandchildren too) and removes the work dir.
+- The parent checks each JSON line's size and shape, caps RPC calls, keeps the first KB of output; the result comes
+  over the RPC socket, never stdout; tracebacks keep only frames of the code's own file.
+Modes, strongest first (W4S_SANDBOX=bwrap|unshare|rlimits forces one): `bwrap` (own PID/net/IPC/UTS namespaces,
+read-only /usr and Python prefix, nothing else of the host, a size-limited /tmp, capabilities dropped); `unshare` (own
+PID/net/IPC/UTS/mount namespaces, host filesystem); `rlimits` (a plain process, with a loud warning).
 
-How one `Sandbox` (one candidate workflow) works:
-- A *zygote*: one `python -I` process per Sandbox, started inside the strongest isolation available (`isolation_mode`),
-  with a minimal environment and common modules pre-imported. For each `run()` the parent hands it two fresh fds
-  (RPC socket, output pipe) over a unix socket; it forks a task, which execs prelude + code in fresh globals and calls
-  `entry(arg)`. Fork gives every task a clean copy: globals, monkeypatched builtins or json never reach the next task.
-- A task (when the parent is root): its own session, a random unprivileged uid (so RLIMIT_NPROC applies, it cannot
-  signal, ptrace or read other processes, and root-only files are closed to it), a fresh 0700 work dir, no new
-  privileges, PR_SET_PDEATHSIG, rlimits on memory, CPU, file size, open files, processes, no core dumps.
-- When the task ends (returns, crashes, or the parent's wall-clock deadline asks), the zygote, taking the task's uid
-  for a moment, SIGKILLs every process of that uid (detached grandchildren included) and removes the work dir.
-- The parent validates each JSON line (size, shape), caps RPC calls and keeps the first few KB of output. The result
-  travels over the RPC socket, never stdout; a traceback shows only frames of the code's own file.
-Isolation modes, strongest first: `bwrap` (own PID/net/IPC/UTS namespaces, read-only binds of /usr and the Python
-prefix only, a size-limited tmpfs /tmp, capabilities dropped), `unshare` (own PID/net/IPC/UTS/mount namespaces, host
-filesystem), `rlimits` (plain process: loud warning). W4S_SANDBOX=bwrap|unshare|rlimits forces one.
-
-What it does NOT stop: kernel exploits; CPU, memory bandwidth and disk I/O contention; the tasks of one Sandbox
-running at once can see each other's processes (different uids: no signals, no ptrace) and share /tmp's size limit.
-`unshare` and `rlimits` modes expose the host filesystem: a task can read world-readable files (e.g. a benchmark's
-answer file), write world-writable dirs (/tmp, /dev/shm) and, with Python under /root, import only what the zygote
-pre-imported; `rlimits` also shares the host network (127.0.0.1 services included). When the parent is not root,
-tasks share the zygote's uid: RLIMIT_NPROC counts all of them, a detached grandchild outlives its task until close()
-(in `rlimits` mode, possibly the parent), and a task can kill the zygote (which fails its siblings). No seccomp filter
-(none in the stdlib; pyseccomp is not a dependency). One RPC request in flight per task.
+Not stopped: kernel exploits; contention for CPU, memory bandwidth, disk I/O. Concurrent tasks of one Sandbox see each
+other's processes (other uids: no signals, no ptrace) and share /tmp's size limit. `unshare` and `rlimits` expose the
+host filesystem (world-readable files such as a benchmark's answers; world-writable /tmp, /dev/shm) and, with Python
+under /root, allow importing only what the zygote pre-imported; `rlimits` shares the host network, 127.0.0.1 included.
+Without root, tasks share the zygote's uid: NPROC counts them together, a detached grandchild lives until close() (in
+`rlimits`, possibly beyond), a task can kill the zygote and so its siblings. No seccomp (not in the stdlib).
 """
 import json, os, select, shutil, signal, socket, subprocess, sys, tempfile, threading, time, weakref
 from dataclasses import dataclass
@@ -199,16 +194,14 @@ def _launcher(mode: str) -> list:
     else:
         cmd += ["--unshare-all"]
     for path in sorted({"/usr", sys.base_prefix, sys.prefix}):
-        parents = [p for p in _ancestors(path) if p != "/"]  # 0755, else bwrap copies /root's 0700: tasks locked out
-        cmd += [arg for p in reversed(parents) for arg in ("--perms", "0755", "--dir", p)] + ["--ro-bind", path, path]
+        parents = path.split("/")[1:-1]  # made 0755: bwrap would copy /root's 0700, locking tasks out
+        for i in range(len(parents)):
+            cmd += ["--perms", "0755", "--dir", "/" + "/".join(parents[:i + 1])]
+        cmd += ["--ro-bind", path, path]
     for path in ("/bin", "/lib", "/lib64", "/sbin"):  # symlinks into /usr on merged-/usr systems
         if os.path.islink(path) or os.path.isdir(path):
             cmd += ["--symlink", os.readlink(path), path] if os.path.islink(path) else ["--ro-bind", path, path]
     return cmd + ["--"]
-
-
-def _ancestors(path: str) -> list:
-    return [] if path == "/" else [os.path.dirname(path)] + _ancestors(os.path.dirname(path))
 
 
 def _available(mode: str) -> bool:
@@ -306,16 +299,16 @@ class _Run:
                 msg = json.loads(line)
             except ValueError:
                 msg = None
+            keys = set(msg) if isinstance(msg, dict) else set()
             if self.failure:
                 return
-            elif isinstance(msg, dict) and set(msg) == {"exit"} and isinstance(msg["exit"], int):
+            elif keys == {"exit"} and isinstance(msg["exit"], int):
                 self.status = msg["exit"]  # from the zygote, or forged by the task: it can only explain a failure
             elif self.reply is not None:
                 self.fail("protocol error: a message after the result")
-            elif isinstance(msg, dict) and set(msg) in ({"result"}, {"error"}):
+            elif keys in ({"result"}, {"error"}):
                 self.reply, self.deadline = msg, time.monotonic() + CLEANUP_GRACE
-            elif isinstance(msg, dict) and set(msg) == {"rpc", "params"} and isinstance(msg["rpc"], str) and \
-                    isinstance(msg["params"], dict):
+            elif keys == {"rpc", "params"} and isinstance(msg["rpc"], str) and isinstance(msg["params"], dict):
                 self.answer(msg["rpc"], msg["params"])
             else:
                 self.fail("protocol error: a line on the RPC channel is not a valid message")
