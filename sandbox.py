@@ -46,13 +46,14 @@ class Outcome:
 
 # Runs inside the isolation. Kept as source so nothing of the parent's memory (keys, caches) is inherited.
 ZYGOTE = r'''
-import ctypes, json, linecache, os, resource, select, shutil, signal, socket, sys, threading, traceback
+import ctypes, gc, json, linecache, os, resource, select, shutil, signal, socket, sys, threading, traceback
 cfg = json.loads(sys.stdin.readline())
 os.dup2(os.open(os.devnull, os.O_RDWR), 0)
 for name in cfg["preimport"]:
     try: __import__(name)
     except ImportError: pass
 libc = ctypes.CDLL(None, use_errno=True)
+gc.freeze()  # a task's collections then skip the pre-imported objects: fewer copy-on-write pages per fork
 libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: a setuid binary cannot hand a task root again
 libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back here and get reaped
 libc.prctl(4, 0, 0, 0, 0)   # PR_SET_DUMPABLE=0: tasks cannot ptrace the zygote or read its memory
@@ -232,7 +233,8 @@ class _Zygote:
     """The isolated, pre-imported process that forks one task per request, driven over a SOCK_SEQPACKET socket."""
 
     def __init__(self, mode: str, cfg: dict):
-        self.base = None if mode == "bwrap" else tempfile.mkdtemp(prefix="w4s-sandbox-")
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # tmpfs: creating and removing a work dir
+        self.base = None if mode == "bwrap" else tempfile.mkdtemp(prefix="w4s-sandbox-", dir=shm)  # costs µs, not ms
         if self.base:
             os.chmod(self.base, 0o711)  # tasks may enter their own dir below, never list or write here
         self.ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message, one request
