@@ -47,7 +47,6 @@ class Outcome:
 # Runs inside the isolation. Kept as source so nothing of the parent's memory (keys, caches) is inherited.
 ZYGOTE = r'''
 import ctypes, gc, json, linecache, os, resource, select, shutil, signal, socket, sys, threading, traceback
-cfg = json.loads(sys.stdin.readline())
 os.dup2(os.open(os.devnull, os.O_RDWR), 0)
 for name in cfg["preimport"]:
     try: __import__(name)
@@ -172,6 +171,7 @@ while True:  # every descendant ends up our child once its parents die: reap unt
     except ChildProcessError: break
 '''
 
+BOOT = "# w4s sandbox zygote\nimport json, sys; cfg = json.loads(sys.stdin.readline()); exec(cfg.pop('source'))"
 MODES = ("bwrap", "unshare", "rlimits")
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # the zygote's whole environment: no keys, no proxies
 _probed, _mode_lock = {}, threading.Lock()
@@ -239,12 +239,13 @@ class _Zygote:
             os.chmod(self.base, 0o711)  # tasks may enter their own dir below, never list or write here
         self.ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message, one request
         self.lock = threading.Lock()
-        self.proc = subprocess.Popen(_launcher(mode) + [sys.executable, "-I", "-c", ZYGOTE], env=ENV,
+        self.proc = subprocess.Popen(_launcher(mode) + [sys.executable, "-I", "-c", BOOT], env=ENV,
                                      cwd=self.base or "/", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      pass_fds=[theirs.fileno()])
         self.close = weakref.finalize(self, _Zygote.shutdown, self.proc, self.ctrl, self.base)
         with theirs, self.proc.stdin:
-            self.proc.stdin.write(json.dumps(dict(cfg, ctrl=theirs.fileno(), base=self.base or "/tmp")).encode() + b"\n")
+            cfg = dict(cfg, ctrl=theirs.fileno(), base=self.base or "/tmp", source=ZYGOTE)
+            self.proc.stdin.write(json.dumps(cfg).encode() + b"\n")
 
     def send(self, msg: dict, fds=()):
         with self.lock:
