@@ -1,0 +1,252 @@
+"""Render a W4S run directory as one self-contained report.html, and several runs as one comparison page.
+
+write_report(run_dir) reads report.json, trajectory.jsonl and curve.png (written by w4s.py) and writes
+RUN_DIR/report.html: the run summary and seed-vs-best scores, the optimisation curve, then one expandable row per
+meta-agent action (analysis, highlighted workflow, diff against the workflow it refined, failure cases, self-debug
+rounds). write_comparison(run_dirs, out_path) draws every run's best-so-far curve and a table of final scores.
+
+Left out on purpose: no network (the plot is an inline image, CSS and JS are inline), no imports of w4s (this module
+only reads files), no live view of a running run (re-render instead). Every string that came from a model, a dataset
+or a file is escaped: a workflow that prints <script> shows as text.
+"""
+import base64
+import difflib
+import html
+import json
+import os
+import re
+from urllib.parse import quote
+
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import DiffLexer, PythonLexer
+
+FORMATTER = HtmlFormatter(cssclass="hl")
+CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1150px;padding:0 16px;color:#222}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f3f3f3}pre{white-space:pre-wrap;margin:4px 0}
+.grid{display:grid;grid-template-columns:repeat(5,7em) 6em 1fr;gap:4px;padding:3px 6px}
+.head{font-weight:bold;background:#f3f3f3}details.act{border-top:1px solid #ddd}
+details.act>summary{cursor:pointer;list-style:none}details.act>summary:hover{background:#f7f7ff}
+details.act[open]>summary{background:#eef}.body{padding:4px 14px 12px}.chosen{background:#e9f8e9}
+.st-error,.st-rejected,.st-discarded{color:#a33}.hl{background:#f8f8f8;padding:2px 6px}
+.err{background:#fff3f3}img.curve{max-width:100%}h3{margin:12px 0 4px;font-size:14px}
+""" + FORMATTER.get_style_defs(".hl")
+# The one script: expand/collapse all actions (the slow test checks the page logs no console errors).
+SCRIPT = """function setAll(open){document.querySelectorAll('details.act').forEach(d=>{d.open=open;});}"""
+
+
+def esc(value):
+    return html.escape(str(value), quote=True)
+
+
+def load_run(run_dir):
+    with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    rows = []
+    path = os.path.join(run_dir, "trajectory.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]  # a crash can leave no partial line (fsync'd)
+    return report, rows
+
+
+def fmt_acc(acc, ci=None):
+    if acc is None:
+        return "–"
+    return f"{acc:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def fmt_cost(report):
+    return f"${(report.get('usage') or {}).get('total_usd') or 0:.4f}"
+
+
+def fmt_test(scores):
+    """A workflow's test accuracy and CI; '–' when the test split was skipped (--test-size 0) or not reached yet."""
+    test = scores.get("test") or {}
+    return fmt_acc(test.get("accuracy"), test.get("ci"))
+
+
+def page(title, body):
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style>"
+            f"</head><body>{body}<script>{SCRIPT}</script></body></html>")
+
+
+def table(header, rows):
+    """Cells are HTML already: callers escape what they put in. header None: a key/value table."""
+    head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def summary_section(report):
+    usage = report.get("usage") or {}
+    tokens = "; ".join(f"{r}: {u.get('calls', 0)} calls, {u.get('prompt', 0):,} prompt + {u.get('completion', 0):,} "
+                       "completion tokens" for r, u in usage.items() if isinstance(u, dict))
+    facts = [("task", report.get("task")), ("meta-agent", report.get("meta_agent")),
+             ("executor", report.get("executor")), ("status", report.get("status")),
+             ("isolation", report.get("isolation")), ("cost", fmt_cost(report)),
+             ("wall time", f"{report.get('wall_seconds') or 0:.0f} s"), ("finished", report.get("finished_at"))]
+    return table(None, [(f"<b>{k}</b>", esc(v)) for k, v in facts + [("tokens", tokens or "–")]])
+
+
+def scores_section(report):
+    entries = [(f"seed {name}", s) for name, s in (report.get("seeds") or {}).items()]
+    if report.get("best"):
+        entries.append((f"best: {report['best']['name']}", report["best"]))
+    rows = [(esc(label), fmt_acc(s.get("val"), s.get("val_ci")), fmt_test(s),
+             esc((s.get("test") or {}).get("n", "–"))) for label, s in entries]
+    return table(("workflow", "validation acc. [95% CI]", "test acc. [95% CI]", "test n"), rows)
+
+
+def svg_text(x, y, text, size=10, anchor="middle", color="#222"):
+    return f"<text x='{x:.1f}' y='{y:.1f}' font-size='{size}' text-anchor='{anchor}' fill='{color}'>{esc(text)}</text>"
+
+
+def svg_curves(series, plot_w=560, plot_h=220, pad=36):
+    """series: [(label, [(iteration, accuracy)])] -> inline SVG (no plotting library in the page); the legend sits
+    right of the plot so it never hides a curve. Used for comparisons and when curve.png is missing."""
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    xmax = max([x for _, pts in series for x, _ in pts] + [1])
+    sx = lambda x: pad + x / xmax * plot_w  # noqa: E731 (two tiny coordinate maps)
+    sy = lambda y: pad + (1 - y) * plot_h  # noqa: E731
+    parts = [f"<path d='M{pad},{sy(1)}V{sy(0)}H{sx(xmax)}' fill='none' stroke='#999'/>",
+             svg_text(sx(xmax / 2), sy(0) + 30, "iteration (0: best seed)", size=11)]
+    parts += [svg_text(pad - 6, sy(v) + 4, f"{v:.1f}", anchor="end") for v in (0, 0.5, 1)]
+    parts += [svg_text(sx(x), sy(0) + 14, x) for x in (0, xmax)]
+    for i, (label, pts) in enumerate(series):
+        color, pts = colors[i % len(colors)], [(x, y) for x, y in pts if y is not None]
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{coords}'/>")
+        final = f" ({pts[-1][1]:.3f})" if pts else ""
+        parts.append(svg_text(sx(xmax) + 12, pad + 16 * i, f"{label}{final}", size=11, anchor="start", color=color))
+    return (f"<svg class='curve' xmlns='http://www.w3.org/2000/svg' width='{plot_w + pad + 220}' "
+            f"height='{plot_h + 2 * pad + 10}' role='img'>{''.join(parts)}</svg>")
+
+
+def best_so_far(report):
+    seed_best = max([s.get("val") or 0 for s in (report.get("seeds") or {}).values()] or [0])
+    return [(0, seed_best)] + [(h["iteration"], h.get("best")) for h in report.get("history") or []]
+
+
+def curve_section(run_dir, report):
+    path = os.path.join(run_dir, "curve.png")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            data = base64.b64encode(f.read()).decode()
+        return f"<img class='curve' alt='optimisation curve' src='data:image/png;base64,{data}'>"
+    return svg_curves([("best so far", best_so_far(report))])
+
+
+# How w4s.build_state prints each archive entry in the state (the only place a seed's code is recorded).
+ARCHIVE_ENTRY = re.compile(r"^## (\S+): validation accuracy ([\d.]+)\n```python\n(.*?)\n```[ \t]*$", re.M | re.S)
+
+
+def refined_workflow(row, seed_names):
+    """The archive entry the action most likely built on, read from the state it was shown: the latest chosen
+    workflow (the one the state's feedback is about), else the best seed. None when the state holds no archive."""
+    state = "\n".join(m.get("content") or "" for m in row.get("messages") or [] if m.get("role") == "user")
+    archive = [(name, float(acc), code) for name, acc, code in ARCHIVE_ENTRY.findall(state)]
+    chosen = [(name, code) for name, _, code in archive if name not in seed_names]
+    if chosen or not archive:
+        return chosen[-1] if chosen else None
+    name, _, code = max(archive, key=lambda entry: entry[1])  # the first of equals, as w4s picks its best
+    return name, code
+
+
+def analysis_of(action):
+    """The meta-agent's reasoning: its reply up to the first code fence."""
+    return (action or "").split("```", 1)[0].strip()
+
+
+def diff_html(base, code):
+    if not base or not code:
+        return "<p>no workflow to compare with</p>"
+    name, old = base
+    lines = difflib.unified_diff(old.strip().splitlines(), code.strip().splitlines(), name, "this action", lineterm="")
+    text = "\n".join(lines)
+    return highlight(text, DiffLexer(), FORMATTER) if text else f"<p>identical to {esc(name)}</p>"
+
+
+def failures_html(failures):
+    rows = [(f"<pre>{esc(f.get('question', ''))}</pre>", f"<pre>{esc(f.get('got', ''))}</pre>",
+             f"<pre>{esc(f.get('expected', ''))}</pre>", f"<pre>{esc(f.get('error') or '')}</pre>") for f in failures]
+    return table(("question", "workflow answer", "expected", "error"), rows) if rows else "<p>none</p>"
+
+
+def debug_html(rounds):
+    return "".join(f"<h3>self-debug round {i + 1}: the error shown to the meta-agent</h3><pre class='err'>"
+                   f"{esc(r.get('error', ''))}</pre>" + code_html(r.get("code")) for i, r in enumerate(rounds))
+
+
+def code_html(code):
+    return highlight(code, PythonLexer(), FORMATTER) if code else "<p>no workflow</p>"
+
+
+def action_row(row, seed_names):
+    chosen, status = row.get("chosen"), esc(row.get("status"))
+    cells = [row.get("episode"), row.get("turn"), row.get("iteration"), row.get("sample")]
+    summary = "".join(f"<span>{esc(c)}</span>" for c in cells) + (
+        f"<span>{fmt_acc(row.get('val_accuracy'))}</span><span>{row.get('reward') or 0:+.2f}</span>"
+        f"<span class='st-{status}'>{'✔ chosen' if chosen else ''} {status} {esc(row.get('reason') or '')}</span>")
+    code = row.get("code")
+    base = refined_workflow(row, seed_names)
+    body = [f"<h3>analysis</h3><pre>{esc(analysis_of(row.get('action'))) or '–'}</pre>",
+            "<h3>workflow</h3>" + code_html(code),
+            f"<h3>diff against {esc(base[0]) if base else 'nothing'}</h3>" + diff_html(base, code),
+            "<h3>failure cases (validation; the meta-agent sees them once the workflow is archived)</h3>"
+            + failures_html(row.get("failures") or [])]
+    if row.get("debug"):
+        body.append(debug_html(row["debug"]))
+    return (f"<details class='act{' chosen' if chosen else ''}'><summary class='grid'>{summary}</summary>"
+            f"<div class='body'>{''.join(body)}</div></details>")
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_report(run_dir):
+    """Render RUN_DIR/report.html from the run's files; returns its path."""
+    report, rows = load_run(run_dir)
+    seed_names = set(report.get("seeds") or {})
+    header = "".join(f"<span>{h}</span>" for h in ("episode", "turn", "iteration", "sample", "val acc.", "reward",
+                                                    "status and reason"))
+    body = (f"<h1>W4S run on {esc(report.get('task'))}</h1>{summary_section(report)}"
+            f"<h2>Seeds vs best</h2>{scores_section(report)}<h2>Optimisation curve</h2>{curve_section(run_dir, report)}"
+            f"<h2>Meta-agent actions ({len(rows)})</h2><button onclick='setAll(true)'>expand all</button> "
+            f"<button onclick='setAll(false)'>collapse all</button><div class='grid head'>{header}</div>"
+            + "".join(action_row(r, seed_names) for r in rows))
+    path = os.path.join(run_dir, "report.html")
+    write_atomic(path, page(f"W4S: {report.get('task')}", body))
+    return path
+
+
+def run_labels(run_dirs):
+    """Distinct short names: paths relative to the runs' common folder (runs/a/out, runs/b/out -> a/out, b/out)."""
+    full = [os.path.abspath(d) for d in run_dirs]
+    common = os.path.commonpath(full) if len(set(full)) > 1 else os.path.dirname(full[0])
+    return [os.path.relpath(d, common) for d in full]
+
+
+def write_comparison(run_dirs, out_path):
+    """One page comparing runs: every run's best-so-far curve and a table of final scores; returns out_path."""
+    reports = [load_run(d)[0] for d in run_dirs]
+    labels = run_labels(run_dirs)
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    rows = []
+    for d, label, report in zip(run_dirs, labels, reports):
+        best = report.get("best") or {}
+        link = quote(os.path.relpath(os.path.join(os.path.abspath(d), "report.html"), out_dir))
+        rows.append((f"<a href='{esc(link)}'>{esc(label)}</a>", esc(report.get("task")),
+                     esc(report.get("meta_agent")), esc(report.get("executor")), esc(best.get("name", "–")),
+                     fmt_acc(best.get("val"), best.get("val_ci")), fmt_test(best), fmt_cost(report),
+                     esc(report.get("status"))))
+    curves = svg_curves([(label, best_so_far(r)) for label, r in zip(labels, reports)])
+    body = (f"<h1>W4S: {len(reports)} runs compared</h1><h2>Best validation accuracy so far</h2>{curves}"
+            "<h2>Final scores</h2>" + table(("run", "task", "meta-agent", "executor", "best", "val [95% CI]",
+                                              "test [95% CI]", "cost", "status"), rows))
+    write_atomic(out_path, page("W4S comparison", body))
+    return out_path
