@@ -5,16 +5,24 @@ import http.server
 import json
 import os
 import re
+import resource
+import shutil
+import signal
 import socket
+import statistics
 import subprocess
 import sys
+import textwrap
 import threading
 import time
+import uuid
 
 import pytest
 from concurrent.futures import ThreadPoolExecutor
 
 import benchmarks
+import report
+import sandbox
 import w4s
 from benchmarks import math as bmath
 
@@ -111,13 +119,14 @@ def server():
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
+def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own call cache; the converted embedded models are shared (read-only) to stay fast."""
-    monkeypatch.setattr(w4s, "CACHE_ROOT", str(tmp_path / "cache"))
-    models = os.path.join(os.path.expanduser("~/.cache/w4s/models"))
-    os.makedirs(tmp_path / "cache", exist_ok=True)
-    if os.path.isdir(models):
-        os.symlink(models, tmp_path / "cache" / "models")
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setattr(w4s, "CACHE_ROOT", str(cache))
+    models = os.path.expanduser("~/.cache/w4s/models")
+    os.makedirs(models, exist_ok=True)
+    os.symlink(models, cache / "models")
+    monkeypatch.setenv("W4S_CACHE_DIR", str(cache))  # for w4s.py run as a subprocess
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
 
 
@@ -300,6 +309,19 @@ def test_openai_model_without_key_is_one_clear_line(sums_task):
     proc = run_cli("--task", sums_task, "--scorer", "numeric", "--executor", "gpt-4o-mini", "--evaluate", "cot",
                    env={"OPENAI_API_KEY": ""})
     assert_one_line_error(proc, "OPENAI_API_KEY")
+
+
+@pytest.mark.slow
+def test_end_to_end_on_the_tiny_real_model(tmp_path):
+    """The whole loop offline on SmolLM2-135M as both meta-agent and executor: real generation, real sandbox."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "w4s.py"), "--task", "math", "--meta-agent",
+                           "embedded:smollm2-135m", "--executor", "embedded:smollm2-135m", "--iterations", "1",
+                           "--samples", "2", "--val-size", "2", "--test-size", "2", "--max-tokens", "96",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.load(open(tmp_path / "run" / "report.json"))
+    assert report["status"] == "finished" and set(report["seeds"]) == {"cot", "cot_sc", "pot", "self_refine"}
+    assert len(read_trajectory(tmp_path / "run")) == 2 and os.path.exists(tmp_path / "run" / "curve.png")
 
 
 def test_evaluate_prints_one_json_line(server, sums_task):
@@ -616,3 +638,578 @@ def test_code_seed_self_tests_and_repairs_from_the_error():
     exec(task.EXTRA_SEEDS['code_self_test'], scope)
     assert task.score(e, scope['solver'](agent, e['question'])) == 1.0
     assert len(agent.prompts) == 2 and 'AssertionError' in agent.prompts[1]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# sandbox.py: the adversarial suite. Adversarial suite for sandbox.py: one hostile (or normal) behaviour per test, run against the real sandbox in every
+# isolation mode that claims to contain it. Network traffic goes to 127.0.0.1 only.
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="per-task uids (kill by uid, NPROC, unreadable files) need root")
+
+
+@pytest.fixture(params=sandbox.MODES)
+def mode(request, monkeypatch):
+    if not sandbox._available(request.param):
+        pytest.skip(f"{request.param} is not available on this machine")
+    monkeypatch.setenv("W4S_SANDBOX", request.param)
+    return request.param
+
+
+def run(code, arg=None, entry="f", **kw):
+    return sandbox.run_once(textwrap.dedent(code), entry, arg, **{"timeout": 3.0, **kw})
+
+
+def processes_of(uid, wait=1.0):
+    """Host pids whose real uid is `uid` (the sandbox gives every task its own), after giving the zygote `wait`
+    seconds to reap the ones it has already SIGKILLed."""
+    deadline = time.monotonic() + wait
+    while True:
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                status = open(f"/proc/{pid}/status").read()
+            except OSError:
+                continue
+            if int(status.split("Uid:")[1].split()[0]) == uid:
+                pids.append(int(pid))
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.02)
+
+
+# -- normal behaviour ---------------------------------------------------------------------------------------------
+def test_returns_value(mode):
+    out = run("def f(x):\n    print('hi')\n    return {'twice': x * 2}", 21)
+    assert out.ok and out.value == {"twice": 42} and out.error == "" and out.stdout == "hi\n"
+
+
+def test_rpc_round_trip(mode):
+    out = run("def f(x):\n    return rpc('add', {'a': x, 'b': 2})", 40, rpc=lambda m, p: p["a"] + p["b"])
+    assert out.ok and out.value == 42
+
+
+def test_rpc_handler_error_is_runtime_error_in_workflow(mode):
+    def handler(method, params):
+        raise ValueError("budget exhausted")
+    out = run("def f(x):\n    try:\n        rpc('llm', {})\n    except RuntimeError as e:\n        return str(e)",
+              rpc=handler)
+    assert out.ok and out.value == "budget exhausted"
+
+
+def test_traceback_shows_only_workflow_lines(mode):
+    out = sandbox.run_once("x = 1\n\ndef g():\n    return 1 / 0\n\ndef f(a):\n    return g()\n", "f", None,
+                           prelude="def helper():\n    pass\n", timeout=3)
+    assert not out.ok and out.error.startswith("ZeroDivisionError: division by zero")
+    assert 'File "workflow.py", line 7, in f' in out.error and 'File "workflow.py", line 4, in g' in out.error
+    assert "sandbox" not in out.error and "<string>" not in out.error
+
+
+def test_syntax_error_names_the_line(mode):
+    out = run("def f(x):\n    return (\n")
+    assert not out.ok and out.error.startswith("SyntaxError") and 'workflow.py", line 2' in out.error
+
+
+def test_many_threads_at_once(mode):
+    with sandbox.Sandbox("import time\ndef f(x):\n    time.sleep(0.05)\n    return rpc('id', {'x': x})") as box:
+        results = [None] * 32
+        def one(i):
+            results[i] = box.run("f", i, rpc=lambda m, p: p["x"], timeout=10)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [r.value for r in results] == list(range(32)), [r.error for r in results if not r.ok]
+
+
+# -- time ---------------------------------------------------------------------------------------------------------
+def test_infinite_loop_times_out(mode):
+    out = run("def f(x):\n    while True:\n        pass", timeout=1)
+    assert not out.ok and out.error == "timeout after 1s" and out.seconds < 1 + sandbox.CLEANUP_GRACE
+
+
+def test_sigterm_ignored_loop_times_out(mode):
+    out = run("import signal\ndef f(x):\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    while True:\n"
+              "        pass", timeout=1)
+    assert not out.ok and out.error.startswith("timeout") and out.seconds < 1 + sandbox.CLEANUP_GRACE
+
+
+def test_sleep_past_deadline(mode):
+    out = run("import time\ndef f(x):\n    time.sleep(60)", timeout=1)
+    assert not out.ok and out.error.startswith("timeout") and out.seconds < 1 + sandbox.CLEANUP_GRACE
+
+
+# -- processes ----------------------------------------------------------------------------------------------------
+@needs_root
+def test_fork_bomb_is_capped_and_killed(mode):
+    out = run("""
+        import os
+        def f(x):
+            print(os.getuid(), flush=True)
+            while True:
+                try:
+                    os.fork()
+                except OSError:
+                    pass
+        """, timeout=2)
+    assert not out.ok and out.error.startswith("timeout")
+    uid = int(out.stdout.split()[0])
+    assert processes_of(uid) == []
+
+
+@needs_root
+def test_detached_grandchild_dies_with_task(mode):
+    out = run("""
+        import os, time
+        def f(x):
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    open('alive', 'w').close()
+                    time.sleep(600)
+                os._exit(0)
+            while not os.path.exists('alive'):
+                time.sleep(0.01)
+            return os.getuid()
+        """)
+    assert out.ok and processes_of(out.value) == []
+
+
+def test_threads_die_after_return(mode):
+    out = run("""
+        import os, threading, time
+        def spin():
+            while True:
+                time.sleep(0.01)
+        def f(x):
+            threading.Thread(target=spin).start()
+            return os.getuid()
+        """)
+    assert out.ok and out.seconds < 2
+    if ROOT:
+        assert processes_of(out.value) == []
+
+
+@needs_root  # without root, in rlimits mode a task shares our uid and could really kill us
+def test_kill_parent_fails(mode):
+    out = run("""
+        import os, signal
+        def f(parent):
+            killed = 0
+            for pid in (os.getppid(), parent):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except OSError:
+                    pass
+            return killed
+        """, os.getpid())
+    assert out.ok and out.value == 0  # and this process is still here to check it
+
+
+# -- memory, disk, output -----------------------------------------------------------------------------------------
+def test_50gb_allocation_fails(mode):
+    out = run("def f(x):\n    return len(bytearray(50 * 2**30))")
+    assert not out.ok and out.error.startswith("MemoryError")
+
+
+def test_10gb_file_fails(mode):
+    out = run("""
+        def f(x):
+            with open('big', 'wb') as fh:
+                for _ in range(10 * 1024):
+                    fh.write(b'x' * 2**20)
+        """)
+    assert not out.ok and "File too large" in out.error
+
+
+def test_print_flood_keeps_parent_memory_flat(mode):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = run("import sys\ndef f(x):\n    for _ in range(1024):\n        sys.stdout.write('x' * 2**20)\n"
+              "    return 'done'", timeout=3)
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kb < 64 * 1024 and len(out.stdout) < sandbox.OUTPUT_CAP + 100
+
+
+# -- the channel --------------------------------------------------------------------------------------------------
+def test_forged_result_on_stdout_is_ignored(mode):
+    out = run("def f(x):\n    print('{\"result\": \"forged\"}')\n    print('garbage \\x00 {')\n    return 'real'")
+    assert out.ok and out.value == "real"
+
+
+def test_garbage_on_rpc_fd_fails_the_task(mode):
+    out = run("import os\ndef f(x):\n    os.write(3, b'garbage\\n')\n    return 'real'")
+    assert not out.ok and out.error.startswith("protocol error")
+
+
+def test_forged_result_on_rpc_fd_fails_the_task(mode):
+    out = run("import os\ndef f(x):\n    os.write(3, b'{\"result\": \"forged\"}\\n')\n    return 'real'")
+    assert not out.ok and out.error.startswith("protocol error")
+
+
+def test_malformed_rpc_request_fails_the_task(mode):
+    out = run("import os\ndef f(x):\n    os.write(3, b'{\"rpc\": 1, \"params\": []}\\n')\n    return 1", rpc=print)
+    assert not out.ok and out.error.startswith("protocol error")
+
+
+def test_endless_line_on_rpc_fd_fails_the_task(mode):
+    out = run("import os\ndef f(x):\n    os.write(3, b'x' * (3 << 20))\n    return 1")
+    assert not out.ok and "message over" in out.error
+
+
+def test_rpc_call_cap(mode):
+    out = run("def f(x):\n    for i in range(10000):\n        rpc('llm', {'i': i})", rpc=lambda m, p: "ok",
+              max_calls=100)
+    assert not out.ok and out.error == "too many rpc calls (cap 100)"
+
+
+# -- secrets, network, files --------------------------------------------------------------------------------------
+def test_planted_key_is_invisible(mode):
+    hunt = textwrap.dedent("""
+        import os
+        def f(x):
+            found = [k for k, v in os.environ.items() if 'planted' in v]
+            for pid in [str(os.getppid()), str(x)] + os.listdir('/proc'):
+                try:
+                    if b'sk-test-planted' in open(f'/proc/{pid}/environ', 'rb').read():
+                        found.append(pid)
+                except OSError:
+                    pass
+            return found
+        """)
+    parent = ("import json, os, sandbox\n"
+              f"print(json.dumps(sandbox.run_once({hunt!r}, 'f', os.getpid(), timeout=5).__dict__))")
+    env = dict(os.environ, OPENAI_API_KEY="sk-test-planted")
+    done = subprocess.run([sys.executable, "-c", parent], env=env, capture_output=True, text=True, timeout=30,
+                          cwd=os.path.dirname(os.path.abspath(sandbox.__file__)))
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["ok"] and out["value"] == [], out
+    if not ROOT:
+        pytest.xfail("without root, tasks share the parent's uid and may read its /proc environ")
+
+
+def test_no_network_but_loopback(mode):
+    if mode == "rlimits":
+        pytest.skip("rlimits mode shares the host network (documented in sandbox.py)")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.2)
+    out = run("""
+        import socket
+        def f(port):
+            try:
+                socket.create_connection(('127.0.0.1', port), timeout=1).close()
+                reached = True
+            except OSError:
+                reached = False
+            return [reached, [name for _, name in socket.if_nameindex()], open('/proc/net/dev').read().count(':')]
+        """, listener.getsockname()[1])
+    with pytest.raises(socket.timeout):
+        listener.accept()
+    listener.close()
+    assert out.ok and out.value == [False, ["lo"], 1]
+
+
+@needs_root
+def test_cannot_modify_or_delete_parent_files(mode, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = run("""
+        import os
+        def f(path):
+            hits = []
+            for attempt in (lambda: open(path, 'w').write('owned'), lambda: os.remove(path),
+                            lambda: open(os.path.join(os.path.dirname(path), 'new'), 'w'),
+                            lambda: os.rename(path, path + '.moved')):
+                try:
+                    attempt()
+                    hits.append('done')
+                except OSError:
+                    pass
+            return hits
+        """, str(victim))
+    assert out.ok and out.value == [] and victim.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim.txt"]
+
+
+def test_world_writable_host_dirs_stay_outside(mode):
+    if mode != "bwrap":
+        pytest.skip(f"{mode} mode shares the host filesystem: /tmp and /dev/shm are writable (documented)")
+    name = f"w4s-escape-{uuid.uuid4().hex}"
+    out = run("def f(name):\n    for d in ('/tmp', '/dev/shm', '/var/tmp'):\n        try:\n"
+              "            open(d + '/' + name, 'w').close()\n        except OSError:\n            pass", name)
+    assert out.ok and not any(os.path.exists(f"{d}/{name}") for d in ("/tmp", "/dev/shm", "/var/tmp"))
+
+
+# -- crashes and bad returns --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("body, reason", [
+    ("import sys; sys.exit(3)", "SystemExit: 3"),
+    ("import os; os._exit(0)", "exit code 0 without a result"),
+    ("import ctypes; ctypes.string_at(0)", "exit code -11 (SIGSEGV)"),
+    ("f(x)", "RecursionError: maximum recursion depth exceeded"),
+    ("return object()", "TypeError: Object of type object is not JSON serializable"),
+    ("return 'x' * (2 << 20)", "return value too large"),
+], ids=["sys.exit", "os._exit", "segfault", "recursion-bomb", "non-json-return", "huge-return"])
+def test_crash_or_bad_return_fails_with_reason(mode, body, reason):
+    out = run(f"def f(x):\n    {body}")
+    assert not out.ok and out.error.startswith(reason), out.error
+
+
+def test_recursion_bomb_traceback_is_short(mode):
+    out = run("def f(x):\n    return f(x)")
+    assert len(out.error) < 1000 and "repeated" in out.error
+
+
+# -- no state between tasks ---------------------------------------------------------------------------------------
+def test_global_counter_does_not_carry_over(mode):
+    with sandbox.Sandbox("n = 0\ndef f(x):\n    global n\n    n += 1\n    return n") as box:
+        assert [box.run("f", None, timeout=3).value for _ in range(3)] == [1, 1, 1]
+
+
+def test_monkeypatched_builtins_and_json_do_not_leak(mode):
+    code = ("import builtins, json\n"
+            "def spoil(x):\n    builtins.len = lambda o: 0\n    json.dumps = lambda *a, **k: 'null'\n"
+            "    open('left-behind', 'w').close()\n    return 'spoiled'\n"
+            "def check(x):\n    import os\n    return [len([1, 2, 3]), json.dumps([1]), os.listdir('.')]")
+    with sandbox.Sandbox(code) as box:
+        assert box.run("spoil", None, timeout=3).value == "spoiled"
+        assert box.run("check", None, timeout=3).value == [3, "[1]", []]
+
+
+# -- the way out --------------------------------------------------------------------------------------------------
+def test_keyboard_interrupt_kills_the_task(mode):
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    with sandbox.Sandbox("import os, time\ndef f(x):\n    print(os.getuid(), flush=True)\n    time.sleep(60)\n"
+                         "def g(x):\n    return x") as box:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            with pytest.raises(KeyboardInterrupt):
+                box.run("f", None, timeout=30)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert box.run("g", 7, timeout=3).value == 7
+
+
+def test_work_dir_is_removed(mode):
+    with sandbox.Sandbox("import os\ndef f(x):\n    os.mkdir('d')\n    open('d/file', 'w').write('x')\n"
+                         "    os.chmod('d', 0)\n    return os.getcwd()") as box:
+        out = box.run("f", None, timeout=3)
+        base = box._zygote.base
+        assert out.ok and (base is None or os.listdir(base) == [])  # bwrap: inside its own tmpfs, gone with it
+
+
+def test_sandbox_recovers_when_its_zygote_dies(mode):
+    with sandbox.Sandbox("def f(x):\n    return x") as box:
+        assert box.run("f", 1, timeout=3).value == 1
+        os.kill(box._zygote.proc.pid, signal.SIGKILL)
+        box._zygote.proc.wait()
+        assert box.run("f", 2, timeout=3).value == 2
+
+
+# -- measurement (run by hand: python -c "import test_sandbox as t; t.measure_overhead()") -------------------------
+def measure_overhead(n=200, modes=sandbox.MODES):
+    """Per-task overhead of Sandbox.run over an in-process call (median, p95), per-call RPC overhead, 32-thread
+    throughput and cold start, per mode. Prints; asserts nothing (timings are noisy on shared machines)."""
+    code = "def f(x):\n    return x + 1\ndef calls(k):\n    for i in range(k):\n        rpc('echo', {'i': i})"
+    scope = {}
+    exec(code, scope)
+    def ms(fn):
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1000
+    inproc = sorted(ms(lambda: json.loads(json.dumps(scope["f"](1)))) for _ in range(n))
+    print(f"in-process call: median {statistics.median(inproc):.4f} ms")
+    for m in modes:
+        if not sandbox._available(m):
+            continue
+        os.environ["W4S_SANDBOX"] = m
+        cold = sorted(ms(lambda: sandbox.run_once(code, "f", 1)) for _ in range(5))
+        with sandbox.Sandbox(code) as box:
+            box.run("f", 1)
+            warm = sorted(ms(lambda: box.run("f", 1)) for _ in range(n))
+            rpc_ms = (ms(lambda: box.run("calls", 1000, rpc=lambda m, p: p, max_calls=1000)) - warm[n // 2]) / 1000
+            threads = [threading.Thread(target=lambda: [box.run("f", 1) for _ in range(n // 32 + 1)]) for _ in range(32)]
+            wall = ms(lambda: ([t.start() for t in threads], [t.join() for t in threads]))
+        print(f"{m:8s} per task: median {statistics.median(warm):.2f} ms, p95 {warm[int(0.95 * n)]:.2f} ms;"
+              f" per rpc call {rpc_ms:.3f} ms; 32 threads: {wall / (32 * (n // 32 + 1)):.2f} ms/task;"
+              f" cold start (Sandbox + first run): median {statistics.median(cold):.1f} ms")
+    os.environ.pop("W4S_SANDBOX", None)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# report.py: Tests for report.py on synthetic run directories (the files w4s.py writes, built here by hand); no network.
+# The `slow` test opens the page in headless Chromium as a person would.
+
+XSS = "<script>alert(1)</script>"
+SEEDS = {"cot": "def solver(agent, task):\n    return agent.call_llm(task)\n",
+         "pot": "def solver(agent, task):\n    return agent.execute_code(agent.call_llm(task))\n"}
+# A 1x1 PNG: enough for the page to inline; the Chromium test draws a real one.
+TINY_PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                         "1f15c4890000000d49444154789c6360f8cfc0f01f0005000201a2d0a5"
+                         "b40000000049454e44ae426082")
+
+
+def state(archive):
+    """The archive part of w4s.build_state's prompt (the headings report.refined_workflow reads)."""
+    parts = [f"## {name}: validation accuracy {acc:.2f}\n```python\n{code.strip()}\n```\n- question: q" for
+             name, code, acc in archive]
+    return [{"role": "system", "content": "sys"}, {"role": "user", "content": "# Task\nt\n\n" + "\n\n".join(parts)}]
+
+
+def make_run(path, iterations=3, samples=2, text="plain", curve=TINY_PNG):
+    """A run dir: seeds cot (0.40) and pot (0.50); sample 0 of each iteration improves and is chosen."""
+    os.makedirs(path, exist_ok=True)
+    archive = [("cot", SEEDS["cot"], 0.4), ("pot", SEEDS["pot"], 0.5)]
+    rows, history, best = [], [], 0.5
+    for it in range(1, iterations + 1):
+        messages, accs = state(archive), []
+        for j in range(samples):
+            acc = round(min(1.0, 0.5 + 0.01 * it) if j == 0 else 0.3, 3)
+            code = f"def solver(agent, task):\n    print({text!r})\n    return agent.call_llm(task + ' v{it}.{j}')\n"
+            rows.append(dict(run="r", task="math", episode=0, turn=it, iteration=it, sample=j, messages=messages,
+                             action=f"Analysis {it}.{j}: {text}\n```python\n{code}```", code=code, status="ok",
+                             reason=text if j else "", val_accuracy=acc, reward=1.0 if j == 0 else 0.0,
+                             chosen=j == 0, failures=[dict(question=text, got=text, expected=text, correct=False,
+                                                           error=text)],
+                             debug=[dict(code=code, error=f"NameError: {text}")] if j == 1 else []))
+            accs.append(acc)
+        archive.append((f"iteration{it}", rows[-samples]["code"], accs[0]))
+        best = max(best, accs[0])
+        history.append(dict(iteration=it, accuracies=accs, chosen=accs[0], best=best))
+    test = dict(accuracy=0.55, ci=[0.45, 0.65], n=100, failed=0)
+    rep = dict(task=f"math {text}", status="finished", meta_agent=f"meta {text}", executor="exec", isolation="bwrap",
+               usage={"executor": dict(calls=9, cached=0, prompt=1000, completion=500, usd=0.01),
+                      "meta_agent": dict(calls=3, cached=0, prompt=300, completion=100, usd=0.002), "total_usd": 0.012},
+               wall_seconds=61.0,
+               seeds={n: dict(val=a, val_ci=[a - 0.1, a + 0.1], test=test) for n, _, a in archive[:2]},
+               best=dict(name=f"iteration{iterations}", val=best, val_ci=[best - 0.1, best + 0.1], test=test),
+               history=history, splits={}, config={}, finished_at="2026-01-01T00:00:00")
+    with open(os.path.join(path, "report.json"), "w") as f:
+        json.dump(rep, f)
+    with open(os.path.join(path, "trajectory.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    if curve:
+        with open(os.path.join(path, "curve.png"), "wb") as f:
+            f.write(curve)
+    return str(path)
+
+
+def render(run_dir):
+    with open(report.write_report(run_dir), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_page_opens_with_summary_and_seed_vs_best_table(tmp_path):
+    page = render(make_run(tmp_path))
+    for fact in ("math plain", "meta plain", "bwrap", "finished", "$0.0120", "61 s", "1,000 prompt"):
+        assert fact in page
+    assert page.index("Seeds vs best") < page.index("Optimisation curve") < page.index("Meta-agent actions")
+    assert "seed cot" in page and "best: iteration3" in page
+    assert "0.400 [0.30, 0.50]" in page and "0.550 [0.45, 0.65]" in page  # val and test, each with its 95 % CI
+
+
+def test_curve_png_is_inlined(tmp_path):
+    assert "src='data:image/png;base64,iVBORw0KGgo" in render(make_run(tmp_path))
+
+
+def test_curve_falls_back_to_svg_without_png(tmp_path):
+    assert "<svg class='curve'" in render(make_run(tmp_path, curve=None))
+
+
+def test_model_and_dataset_text_is_escaped(tmp_path):
+    run_dir = make_run(tmp_path / "run", text=XSS)
+    comparison = open(report.write_comparison([run_dir], str(tmp_path / "c.html")), encoding="utf-8").read()
+    for page in (render(run_dir), comparison):
+        assert XSS not in page and "alert(1)" in page  # shown, as text
+        assert page.count("<script") == 1  # only the page's own expand/collapse script
+
+
+def test_run_that_stopped_early_renders(tmp_path):
+    """A run stopped by its budget or an error: no test scores, no best, no actions, no curve yet."""
+    (tmp_path / "report.json").write_text(json.dumps(dict(task="math", status="error", seeds={"cot": dict(
+        val=0.4, val_ci=[0.3, 0.5], test=None)}, best=None, history=[])))
+    page = render(str(tmp_path))
+    assert "seed cot" in page and "Meta-agent actions (0)" in page and "<svg class='curve'" in page
+
+
+def test_one_row_per_action_with_diff_against_refined_workflow(tmp_path):
+    page = render(make_run(tmp_path, iterations=3, samples=2))
+    assert page.count("<details class='act") == 6
+    assert page.index("Analysis 1.0") < page.index("Analysis 1.1") < page.index("Analysis 2.0")
+    assert page.count("diff against pot") == 2  # iteration 1 refines the best seed
+    assert page.count("diff against iteration1") == 2 and page.count("diff against iteration2") == 2
+    assert "self-debug round 1" in page
+
+
+def test_comparison_lists_every_run(tmp_path):
+    dirs = [make_run(tmp_path / name, iterations=i) for i, name in enumerate(["alpha", "beta", "gamma"], 2)]
+    out = report.write_comparison(dirs, str(tmp_path / "compare.html"))
+    page = open(out, encoding="utf-8").read()
+    for name in ("alpha", "beta", "gamma"):
+        assert f"href='{name}/report.html'" in page
+    assert page.count("<polyline") == 3
+
+
+def test_30_iteration_run_renders_quickly(tmp_path):
+    run_dir = make_run(tmp_path, iterations=30, samples=3)
+    start = time.perf_counter()
+    page = render(run_dir)
+    seconds = time.perf_counter() - start
+    print(f"30 iterations x 3 samples: rendered {len(page) / 1e3:.0f} kB in {seconds:.2f} s")
+    assert page.count("<details class='act") == 90 and seconds < 10
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def chromium(tmp_path, *args):
+    """Run headless Chromium offline; returns (stdout, stderr). Console messages go to stderr as ':CONSOLE' lines."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0"]
+    done = subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+    return done.stdout, done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium package (/usr/bin/chromium)")
+def test_page_renders_in_chromium_without_console_errors(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    run_dir = make_run(tmp_path / "run", iterations=8, samples=3, text=XSS, curve=None)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(9), [0.5 + 0.01 * i for i in range(9)], "o-")
+    fig.savefig(os.path.join(run_dir, "curve.png"), dpi=110)
+    plt.close(fig)
+    # A probe, added to a copy only: the DOM dump then says whether the inline curve decoded and the script ran.
+    probe = ("<script>addEventListener('load',()=>{const img=document.querySelector('img.curve');setAll(true);"
+             "document.body.dataset.curve=img.complete?img.naturalWidth:0;});</script>")
+    page = render(run_dir).replace("</body>", probe + "</body>")
+    probed = tmp_path / "probed.html"
+    probed.write_text(page, encoding="utf-8")
+    dom, log = chromium(tmp_path, "--virtual-time-budget=3000", "--dump-dom", probed.as_uri())
+    assert 'data-curve="660"' in dom  # 6 in x 110 dpi: the PNG decoded at its own width
+    assert "<th>validation acc. [95% CI]</th>" in dom and dom.count("<details class=\"act") == 24
+    assert "alert(1)" in dom and "<script>alert(1)" not in dom
+    assert [line for line in log.splitlines() if ":CONSOLE" in line] == []
+    shot = tmp_path / "report.png"
+    chromium(tmp_path, "--screenshot=" + str(shot), "--window-size=1200,2000", f"file://{run_dir}/report.html")
+    assert shot.stat().st_size > 20_000  # a blank page is ~5 kB
+    if os.environ.get("W4S_REPORT_SCREENSHOT"):  # keep it to look at
+        shutil.copy(shot, os.environ["W4S_REPORT_SCREENSHOT"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium package (/usr/bin/chromium)")
+def test_console_error_check_sees_errors(tmp_path):
+    """The check above is not vacuous: a page with an uncaught error shows up as a ':CONSOLE' line."""
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><script>undefinedFunction()</script></body></html>")
+    _, log = chromium(tmp_path, "--dump-dom", bad.as_uri())
+    assert any(":CONSOLE" in line and "Uncaught ReferenceError" in line for line in log.splitlines())
