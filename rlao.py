@@ -30,7 +30,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="RLAO trainer for the W4S meta-agent (see the module docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -70,10 +69,8 @@ def get_args(argv=None):
     a("--w4s-args", default="", help="--rounds: extra w4s.py flags for collection, e.g. '--executor ... --iterations 5'")
     return p.parse_args(argv)
 
-
 def die(msg):
     raise SystemExit(f"rlao: error: {msg}")
-
 
 # ----------------------------------------------------------------------------------------------------------- data
 def load_examples(paths):
@@ -105,7 +102,6 @@ def load_examples(paths):
                                  run=run, group=(run, rec.get("iteration", f"line{n}"))))
     return examples
 
-
 def group_advantages(examples, use_std=False):
     """A_i = r_i - mean(r of the m samples of i's turn) [/ std]; computed before any --keep filtering."""
     groups = defaultdict(list)
@@ -119,7 +115,6 @@ def group_advantages(examples, use_std=False):
         for e, a in zip(g, adv.tolist()):
             e["advantage"] = a
 
-
 def keep_examples(examples, keep):
     if keep == "positive":
         return [e for e in examples if e["reward"] > 0]
@@ -131,7 +126,6 @@ def keep_examples(examples, keep):
         return list(best.values())
     return examples
 
-
 def split_by_run(examples, val_frac, seed):
     """Hold out whole runs, so validation states never share an archive with training states."""
     runs = sorted({e["run"] for e in examples})
@@ -139,7 +133,6 @@ def split_by_run(examples, val_frac, seed):
     n_val = min(len(runs) - 1, max(1, round(val_frac * len(runs)))) if val_frac > 0 else 0
     val = set(runs[:n_val])
     return [e for e in examples if e["run"] not in val], [e for e in examples if e["run"] in val]
-
 
 def encode(tok, ex, max_len):
     """Prompt = the model's chat template over the state; target = the action text + eos. None if too long."""
@@ -149,7 +142,6 @@ def encode(tok, ex, max_len):
     if len(ids) > max_len:
         return None
     return dict(ids=ids, n_prompt=len(p_ids), reward=ex["reward"], advantage=ex.get("advantage", 0.0))
-
 
 def make_batches(lengths, batch_size, seed, sort=True):
     """Micro-batches of similar length (little compute goes to padding), visited in random order."""
@@ -162,11 +154,9 @@ def make_batches(lengths, batch_size, seed, sort=True):
     rng.shuffle(batches)
     return batches
 
-
 def padding_fraction(batches, lengths):
     real = sum(lengths[i] for b in batches for i in b)
     return 1 - real / max(1, sum(len(b) * max(lengths[i] for i in b) for b in batches))
-
 
 def collate(items, pad_id, device):
     T = max(len(x["ids"]) for x in items)
@@ -178,13 +168,11 @@ def collate(items, pad_id, device):
         ids[b, :L], attn[b, :L], is_action[b, x["n_prompt"]:L] = torch.tensor(x["ids"]), 1, True
     return ids.to(device), attn.to(device), is_action.to(device)
 
-
 # ----------------------------------------------------------------------------------------------------------- loss
 def rwr_weights(rewards, tau):
     """w_i = exp(r_i/tau), normalised to mean 1 over the whole training set. (Normalising inside each batch would
     turn a batch of equal rewards -- common, since batches are length-sorted -- into plain fine-tuning.)"""
     return torch.softmax(torch.tensor(rewards, dtype=torch.float64) / tau, 0) * len(rewards)
-
 
 def rlao_loss(logp, mask, c, n, ref_logp=None, beta=0.0):
     """The RLAO loss of one micro-batch, as its share of an optimiser step over n examples (all micro-batches, all
@@ -203,7 +191,6 @@ def rlao_loss(logp, mask, c, n, ref_logp=None, beta=0.0):
         loss = loss + beta * (((d.exp() - d - 1) * mask).sum(1) / n_tok).sum()
     return loss / n
 
-
 class ActionLogProbs(nn.Module):
     """log pi(token) at action positions only. The vocabulary projection skips the prompt (most of a W4S state),
     which saves compute and the B x T x V logits tensor. Assumes logits = lm_head(last hidden state)."""
@@ -220,10 +207,8 @@ class ActionLogProbs(nn.Module):
         logp[pick] = -F.cross_entropy(logits, ids[:, 1:][pick], reduction="none")
         return logp, pick.float()
 
-
 # ----------------------------------------------------------------------------------------------------------- LoRA
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 class LoRALinear(nn.Module):
     """y = W x + (alpha/r) B A x with W frozen; B starts at 0, so training starts from the base model."""
@@ -242,14 +227,12 @@ class LoRALinear(nn.Module):
     def merged_weight(self):
         return self.base.weight + self.scale * (self.B @ self.A).to(self.base.weight.dtype)
 
-
 def add_lora(model, r, alpha):
     model.requires_grad_(False)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and name in LORA_TARGETS:
                 setattr(module, name, LoRALinear(child, r, alpha))
-
 
 def merged_state_dict(model):
     """The plain model's state dict: every adapter folded into its weight, W <- W + (alpha/r) B A."""
@@ -263,7 +246,6 @@ def merged_state_dict(model):
                 sd[f"{name}.bias"] = sd.pop(f"{name}.base.bias")
     return sd
 
-
 @contextlib.contextmanager
 def adapters_off(model):
     """With LoRA the frozen base model IS the initial policy: the KL reference costs no extra memory."""
@@ -276,7 +258,6 @@ def adapters_off(model):
         for m in loras:
             m.enabled = True
 
-
 # ------------------------------------------------------------------------------------------------- model and I/O
 def load_policy(spec):
     """Same model specs as w4s.py, loaded in fp32 (train() casts to bf16 where that is faster)."""
@@ -288,7 +269,6 @@ def load_policy(spec):
             die(f"--init {spec} needs w4s.py ({e})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     return AutoModelForCausalLM.from_pretrained(spec[3:], dtype=torch.float32), AutoTokenizer.from_pretrained(spec[3:])
-
 
 def save_checkpoint(model, tok, out, dtype=torch.bfloat16):
     """HF-format dir: config.json, tokenizer files, model.safetensors (LoRA merged, stored in bf16)."""
@@ -305,7 +285,6 @@ def save_checkpoint(model, tok, out, dtype=torch.bfloat16):
     config.save_pretrained(out)
     tok.save_pretrained(out)
 
-
 def setup_distributed():
     """Under torchrun: one process per GPU (nccl) or per CPU slot (gloo). Returns rank, world size, device."""
     if "RANK" not in os.environ:
@@ -317,7 +296,6 @@ def setup_distributed():
         torch.cuda.set_device(local)
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
-
 def use_bf16(precision, device):
     if precision != "auto":
         return precision == "bf16"
@@ -325,7 +303,6 @@ def use_bf16(precision, device):
         return True
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
 
 # ------------------------------------------------------------------------------------------------------ training
 def train(args, rank=0, world=1, device=torch.device("cpu")):
@@ -428,15 +405,15 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
         if world > 1:
             dist.barrier()
 
-    # 5. the loop: per step, M = grad_accum * world micro-batches; weights normalised over all of them
+    # 5. the loop: a step = M = grad_accum * world micro-batches; its loss is the mean over all their examples
     from tqdm import tqdm
     M, stream, pad_id = args.grad_accum * world, micro_batches(), tok.pad_token_id or 0
     for _ in range(start * M):
         next(stream)
     logf = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc="rlao")
-    t0, n_tok = time.time(), 0
     for step in bar:
+        t0, n_tok = time.time(), 0
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         mbs = [next(stream) for _ in range(M)]
@@ -469,8 +446,10 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
                 p.data.copy_(m)
         if world > 1:
             dist.all_reduce(step_loss)
-        tok_s = n_tok * world / (time.time() - t0)
+        tok_s = n_tok * world / (time.time() - t0)  # this step's (prompt + action) tokens, all processes
         rec = dict(step=step + 1, loss=step_loss.item(), lr=lr_at(step), tok_s=round(tok_s, 1))
+        if device.type == "cuda":
+            rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         last = step + 1 == args.steps
         if (args.eval_every and (step + 1) % args.eval_every == 0) or last:
             rec["val_nll"] = val_nll()
@@ -488,7 +467,6 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
         dist.all_gather_object(digests, digest)
         log(f"rlao: ranks agree on weights: {len(set(digests)) == 1} ({digest})")
     log(f"rlao: saved {out} (use --meta-agent hf:{out})")
-
 
 def run_rounds(args, rank, world, device):
     """--rounds R: collect with the current meta-agent -> train on everything collected so far -> collect again."""
@@ -522,7 +500,6 @@ def run_rounds(args, rank, world, device):
         (Path(args.out) / "rounds.json").write_text(json.dumps(history, indent=1))
         print("rlao: mean reward per round: " + ", ".join(f"{h['mean_reward']:.3f}" for h in history))
 
-
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = setup_distributed()
@@ -534,7 +511,6 @@ def main(argv=None):
         if world > 1:
             dist.destroy_process_group()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
