@@ -178,7 +178,7 @@ def test_clear_errors_for_bad_input(tiny, tmp_path):
 def test_ddp_two_processes_agree_on_weights(tiny, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            os.path.join(HERE, "rlao.py"), *flags(toy_data(tmp_path), tiny, tmp_path / "out", "--steps", "2")]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})  # gloo on CPU
     assert p.returncode == 0, p.stderr[-3000:]
     assert "ranks agree on weights: True" in p.stdout, p.stdout[-2000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
