@@ -301,7 +301,8 @@ class LocalEngine:
         new_cache = DynamicCache()
         pos = (new_mask.cumsum(1) - 1).clamp(min=0)
         out = self.model(input_ids=ids.to(self.device), attention_mask=new_mask.to(self.device),
-                         position_ids=pos.to(self.device), cache=new_cache, use_cache=True)
+                         position_ids=pos.to(self.device), cache=new_cache, use_cache=True,
+                         logits_to_keep=1)  # full-prompt logits would cost batch x length x 151k floats
         self.pick_next(joining, out.logits[:, -1])
         new_mask = new_mask.to(self.device)
         if not active:
@@ -367,37 +368,55 @@ class BudgetExhausted(Exception):
 
 
 class Ledger:
-    """Tokens, dollars and paid calls of the whole run, per role; also the hard budget."""
+    """Tokens, dollars and calls per role, kept two ways, and the hard budget.
+    `usage`: every answered call the run used, served from the cache or paid, valued at list price. These numbers are
+    the same on a --resume or a cached re-run, so report.json is reproducible and the budget (checked on them) stops
+    a resumed run where the uninterrupted one would have stopped instead of granting it a fresh budget.
+    `paid`: what this process itself paid for, billed replies that were then rejected (empty, retried) included."""
 
     def __init__(self, budget_usd=None, max_calls=None):
         self.budget_usd, self.max_calls = budget_usd, max_calls
         self.lock = threading.Lock()
         self.exhausted = False
-        self.usage = collections.defaultdict(lambda: dict(calls=0, cached=0, prompt=0, completion=0, usd=0.0))
+        self.usage = collections.defaultdict(lambda: dict(calls=0, prompt=0, completion=0, usd=0.0))
+        self.paid = collections.defaultdict(lambda: dict(calls=0, cached=0, prompt=0, completion=0, usd=0.0))
 
     def check(self):
         with self.lock:
-            usd = sum(u["usd"] for u in self.usage.values())
-            calls = sum(u["calls"] for u in self.usage.values())
+            usd = max(sum(u["usd"] for u in self.usage.values()), sum(u["usd"] for u in self.paid.values()))
+            calls = max(sum(u["calls"] for u in self.usage.values()), sum(u["calls"] for u in self.paid.values()))
         if (self.budget_usd is not None and usd >= self.budget_usd) or (
                 self.max_calls is not None and calls >= self.max_calls):
             self.exhausted = True
-            raise BudgetExhausted(f"budget reached: ${usd:.4f} spent in {calls} paid calls")
+            raise BudgetExhausted(f"budget reached: ${usd:.6f} and {calls} calls used")
 
-    def add(self, role, model, prompt, completion, cached):
+    def add(self, role, model, prompt, completion, cached, answered=True):
+        """One reply: `cached` when it came from the cache; answered=False for a billed reply we could not use."""
         price_in, price_out = PRICES.get(model, (0.0, 0.0))
+        usd = (prompt * price_in + completion * price_out) / 1e6
         with self.lock:
-            u = self.usage[role]
-            u["cached" if cached else "calls"] += 1
-            u["prompt"] += prompt
-            u["completion"] += completion
-            if not cached:
-                u["usd"] += (prompt * price_in + completion * price_out) / 1e6
+            if answered:
+                u = self.usage[role]
+                u["calls"] += 1
+                u["prompt"] += prompt
+                u["completion"] += completion
+                u["usd"] += usd
+            p = self.paid[role]
+            if cached:
+                p["cached"] += 1
+            else:
+                p["calls"] += 1
+                p["prompt"] += prompt
+                p["completion"] += completion
+                p["usd"] += usd
 
-    def summary(self):
+    def summary(self, paid=False):
         with self.lock:
-            out = {role: dict(u) for role, u in self.usage.items()}
-        out["total_usd"] = round(sum(u["usd"] for u in out.values()), 6)
+            out = {role: dict(u) for role, u in sorted((self.paid if paid else self.usage).items())}
+        out["total_usd"] = round(sum(u["usd"] for u in out.values()), 9)
+        for u in out.values():
+            if isinstance(u, dict):
+                u["usd"] = round(u["usd"], 9)
         return out
 
 
@@ -456,46 +475,70 @@ class LLM:
             return engine.generate(messages, temperature, max_tokens, seed=sample, stop=stop)
         return self.call_api(messages, temperature, max_tokens, stop)
 
-    def call_api(self, messages, temperature, max_tokens, stop, attempts=6):
+    def call_api(self, messages, temperature, max_tokens, stop, attempts=None):
+        """Bounded retries (W4S_API_ATTEMPTS, default 6) with exponential backoff and jitter; a Retry-After pauses the
+        whole pool. A billed reply with empty or null content is counted as spent and retried once, then the call
+        fails; a reply cut by max_tokens (finish_reason 'length') is kept as it is. A call that finally fails raises
+        RuntimeError: that sample fails with the reason, and nothing is cached (LLM.chat caches only returned text)."""
         import openai
+        attempts = attempts or int(os.environ.get("W4S_API_ATTEMPTS", "6"))
+        base = float(os.environ.get("W4S_RETRY_BASE_S", "0.5"))
+        empties, last = 0, "no attempt"
         for attempt in range(attempts):
+            if attempt:
+                self.ledger.check()  # a retry is one more paid call: it must fit the budget too
             time.sleep(max(0.0, self.not_before - time.time()))
+            wait = min(30.0, base * 2 ** attempt) * random.uniform(0.5, 1.5)  # jitter: retries don't stampede
             try:
                 with self.gate:
                     r = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens,
                                                             temperature=temperature, stop=stop)
-                text = r.choices[0].message.content if r.choices else None
-                if not text:
-                    raise ValueError("empty reply")
-                usage = r.usage
-                return text, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0
+                usage = getattr(r, "usage", None)
+                prompt = getattr(usage, "prompt_tokens", 0) or 0
+                completion = getattr(usage, "completion_tokens", 0) or 0
+                choice = r.choices[0] if getattr(r, "choices", None) else None
+                text = getattr(getattr(choice, "message", None), "content", None)
+                if isinstance(text, str) and text:
+                    return text, prompt, completion
+                self.ledger.add(self.role, self.model, prompt, completion, cached=False, answered=False)
+                empties += 1
+                last = (f"empty reply (content {'null' if text is None else repr(text)}, finish_reason "
+                        f"{getattr(choice, 'finish_reason', None)})")
+                if empties >= 2:  # the same request tends to get the same empty reply: stop paying for it
+                    break
             except openai.AuthenticationError:
                 raise UserError(f"{self.spec}: the API key was rejected (check OPENAI_API_KEY)") from None
             except (openai.NotFoundError, openai.BadRequestError) as e:
                 raise RuntimeError(f"{self.spec}: request refused: {e}") from None
-            except (openai.APIError, ValueError) as e:
-                wait = min(30.0, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.5)  # jitter: retries don't stampede
+            except (openai.APIError, ValueError) as e:  # 429, 5xx, resets, timeouts, a cut or garbled JSON body
                 retry_after = getattr(getattr(e, "response", None), "headers", {}).get("retry-after")
+                try:
+                    wait = min(300.0, max(0.0, float(retry_after))) if retry_after else wait
+                except ValueError:  # an HTTP date instead of seconds: keep our own backoff
+                    pass
                 if retry_after:
-                    wait = float(retry_after)
                     self.not_before = max(self.not_before, time.time() + wait)
                 last = f"{type(e).__name__}: {str(e)[:200]}"
-                if attempt + 1 < attempts:
-                    time.sleep(wait)
-        raise RuntimeError(f"{self.spec}: gave up after {attempts} attempts ({last})")
+            if attempt + 1 < attempts:
+                time.sleep(wait)
+        err = RuntimeError(f"{self.spec}: gave up after {attempt + 1} attempts ({last})")
+        err.w4s_api_failure = True  # run_optimization saves the run and says how to resume
+        raise err
 
 
 def openai_client(spec):
     """An OpenAI SDK client, checked once up front (listing models is free) so that a bad key or an unreachable
-    server is one clear error now rather than a failed sample in every workflow later."""
+    server is one clear error now rather than a failed sample in every workflow later. W4S_API_TIMEOUT: seconds
+    before a call is abandoned (and retried), default 120."""
     import openai
     key = os.environ.get("OPENAI_API_KEY")
     if not spec.startswith("http") and not key:
         raise UserError(f"model {spec!r} needs OPENAI_API_KEY (or use embedded:qwen2.5-coder-1.5b offline)")
     base = spec.rsplit(":", 1)[0] if spec.startswith("http") else None
-    client = openai.OpenAI(api_key=key or "none", base_url=base, max_retries=0, timeout=120)
+    timeout = float(os.environ.get("W4S_API_TIMEOUT", "120"))
+    client = openai.OpenAI(api_key=key or "none", base_url=base, max_retries=0, timeout=timeout)
     try:
-        client.with_options(timeout=15, max_retries=1).models.list()
+        client.with_options(timeout=min(15.0, timeout), max_retries=1).models.list()
     except openai.AuthenticationError:
         raise UserError(f"{spec}: the API key was rejected (check OPENAI_API_KEY)") from None
     except openai.APIConnectionError:
@@ -946,13 +989,55 @@ def score_on_test(cfg, executor, seed_archive, best, log):
 # 9. Outputs: trajectory.jsonl (append + fsync, whole lines), report.json (atomic), best_workflow.py, curve.png
 
 class Trajectory:
-    def __init__(self, path):
-        self.f = open(path, "w", encoding="utf-8")  # a resume replays the run from the cache: start the file anew
+    """Append + fsync of whole lines. A --resume replays the run from the cache, so the same rows come again in the
+    same order: a row equal to the line already on disk is skipped (lines written before a kill are never lost), a
+    torn last line (kill -9 mid-write) is dropped, and the first row that differs replaces the rest of the file."""
+
+    def __init__(self, path, resume=False, log=None):
         self.lock = threading.Lock()
+        self.old, self.offsets, self.i, end = [], [], 0, 0
+        if resume and os.path.exists(path):
+            with open(path, "rb") as f:
+                lines = f.read().splitlines(keepends=True)
+            for n, line in enumerate(lines, 1):
+                try:
+                    whole = line.endswith(b"\n") and isinstance(json.loads(line), dict)
+                except ValueError:
+                    whole = False
+                if not whole:
+                    (log or print)(f"trajectory.jsonl: dropped a torn line {n} of {len(lines)} (a kill mid-write)")
+                    break
+                self.old.append(line)
+                self.offsets.append(end)
+                end += len(line)
+            self.f = open(path, "r+b")
+            self.f.truncate(end)
+            self.f.seek(end)
+        else:
+            self.f = open(path, "wb")  # a new run starts the file anew
 
     def write(self, row):
+        line = (json.dumps(row) + "\n").encode("utf-8")
         with self.lock:
-            self.f.write(json.dumps(row) + "\n")
+            if self.i < len(self.old):
+                if self.old[self.i] == line:  # already on disk from before the interruption
+                    self.i += 1
+                    return
+                self.f.seek(self.offsets[self.i])  # the replay differs from here on: it wins
+                self.f.truncate()
+                self.old = self.old[:self.i]
+            self.f.write(line)
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.i += 1
+
+    def finish(self):
+        """The run ended normally: rows beyond what it wrote (from an older, longer attempt) are stale."""
+        with self.lock:
+            if self.i < len(self.old):
+                self.f.seek(self.offsets[self.i])
+                self.f.truncate()
+                self.old = self.old[:self.i]
             self.f.flush()
             os.fsync(self.f.fileno())
 
@@ -966,15 +1051,19 @@ def write_atomic(path, text):
 def save_report(cfg, status):
     r = cfg.result
     best = r.get("best")
+    # Everything that differs between two invocations of the same run (timestamps, wall time, what this process
+    # paid vs. took from the cache) lives in `invocation`; the rest is the same on a --resume or a cached re-run.
+    invocation = dict(started_at=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(cfg.t0)),
+                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), wall_seconds=round(time.time() - cfg.t0, 1),
+                      resumed=bool(cfg.resume), paid=cfg.ledger.summary(paid=True))
     report = dict(task=cfg.task_name, status=status, meta_agent=cfg.meta_agent, executor=cfg.executor,
                   isolation=sandbox.isolation_mode(), usage=cfg.ledger.summary(),
-                  wall_seconds=round(time.time() - cfg.t0, 1),
                   seeds={w["name"]: dict(val=w["val_accuracy"], val_ci=w["val_ci"],
                                          test=r.get("test", {}).get(w["name"])) for w in r.get("seeds", [])},
                   best=dict(name=best["name"], val=best["val_accuracy"], val_ci=best["val_ci"],
                             test=r.get("test", {}).get(best["name"])) if best else None,
                   history=r["history"], splits=dict(val=[e["id"] for e in cfg.val], test=[e["id"] for e in cfg.test]),
-                  config=cfg.saved_config, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                  config=cfg.saved_config, invocation=invocation)
     write_atomic(os.path.join(cfg.out, "report.json"), json.dumps(report, indent=1))
     if best:
         write_atomic(os.path.join(cfg.out, "best_workflow.py"), f"# {best['name']}: validation accuracy "
@@ -1047,15 +1136,23 @@ def load_resumed_config(args):
     path = os.path.join(args.resume, "config.json")
     if not os.path.exists(path):
         raise UserError(f"--resume {args.resume}: no config.json there (not a w4s run directory)")
-    saved = json.load(open(path))
-    if saved.get("version") != VERSION:
+    try:
+        saved = json.load(open(path))
+    except (ValueError, OSError) as e:
+        raise UserError(f"--resume {args.resume}: config.json is unreadable ({e})") from None
+    if not isinstance(saved, dict) or saved.get("version") != VERSION:
+        saved = saved if isinstance(saved, dict) else {}
         raise UserError(f"--resume {args.resume}: written by w4s format version {saved.get('version')}, this is "
                         f"{VERSION}; start a new run")
     given = {k: v for k, v in vars(parse_args([])).items()}
     for k, v in vars(args).items():  # a flag given explicitly must agree with the run being resumed
-        if k in saved and v != given.get(k) and v != saved[k] and k not in ("resume", "out"):
+        if k in saved and v != given.get(k) and v != saved[k] and k not in ("resume", "out", "budget_usd",
+                                                                             "max_calls"):
             raise UserError(f"--resume {args.resume}: that run has {k}={saved[k]!r}, not {v!r}")
     merged = dict(vars(parse_args([])), **{k: v for k, v in saved.items() if k != "version"})
+    for k in ("budget_usd", "max_calls"):  # a run stopped by its budget continues with a larger one
+        if getattr(args, k) is not None:
+            merged[k] = getattr(args, k)
     merged.update(resume=args.resume, out=args.resume)
     return argparse.Namespace(**merged)
 
@@ -1092,6 +1189,9 @@ def main(argv=None):
     except UserError as e:
         print(f"w4s: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the run directory exists: nothing to save
+        print("w4s: interrupted", file=sys.stderr)
+        return 130
 
 
 def run_optimization(cfg, executor, meta):
@@ -1100,13 +1200,26 @@ def run_optimization(cfg, executor, meta):
     cfg.saved_config["out"] = cfg.out
     write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(dict(cfg.saved_config, version=VERSION), indent=1))
     cfg.run_id = os.path.basename(os.path.normpath(cfg.out))
-    cfg.trajectory = Trajectory(os.path.join(cfg.out, "trajectory.jsonl"))
     log = lambda msg: print(f"[w4s] {msg}", file=sys.stderr, flush=True)
+    cfg.trajectory = Trajectory(os.path.join(cfg.out, "trajectory.jsonl"), resume=bool(cfg.resume), log=log)
     if cfg.meta_agent.startswith("embedded:") and cfg.executor.startswith("embedded:"):
         log(f"offline: embedded models, meta-agent {cfg.meta_agent} -> executor {cfg.executor} "
             "(set OPENAI_API_KEY or --executor to use an API)")
     log(f"task {cfg.task_name}: {len(cfg.val)} validation / {len(cfg.test)} test examples, {cfg.iterations} "
         f"iterations x {cfg.samples} samples, sandbox: {sandbox.isolation_mode()}; run dir {cfg.out}")
+    def stop_now(status, code, why):
+        """Ctrl-C or an API that keeps failing: save what there is and say how to resume. Run as a script, leave at
+        once rather than wait for the calls and sandboxes still in flight (what they answered is in the cache)."""
+        try:
+            save_report(cfg, status)
+        finally:
+            log(f"{why}; progress saved; resume with: python w4s.py --resume {cfg.out}")
+            cfg.pool.shutdown(wait=False, cancel_futures=True)
+            if __name__ == "__main__":
+                sys.stderr.flush()
+                os._exit(code)
+        return code
+
     status = "finished"
     try:
         seed_archive, best = optimize(cfg, executor, meta, log)
@@ -1116,13 +1229,19 @@ def run_optimization(cfg, executor, meta):
         status = "stopped: budget"
         log(f"{e}; saving and stopping")
     except KeyboardInterrupt:
-        save_report(cfg, "interrupted")
-        log(f"interrupted; resume with: python w4s.py --resume {cfg.out}")
-        return 130
+        return stop_now("interrupted", 130, "interrupted")
+    except RuntimeError as e:
+        if not getattr(e, "w4s_api_failure", False):
+            raise
+        return stop_now("stopped: API error", 1, f"error: {e}")
+    cfg.trajectory.finish()
     report = save_report(cfg, status)
+    paid = report["invocation"]["paid"]
     log(f"{status}: best {report['best']['name'] if report['best'] else '-'}; "
         f"{sum(u['prompt'] + u['completion'] for k, u in report['usage'].items() if k != 'total_usd')} tokens, "
-        f"${report['usage']['total_usd']:.4f}, {report['wall_seconds'] / 60:.1f} min")
+        f"${report['usage']['total_usd']:.4f} (this process paid ${paid['total_usd']:.4f} for "
+        f"{sum(u['calls'] for k, u in paid.items() if k != 'total_usd')} calls), "
+        f"{report['invocation']['wall_seconds'] / 60:.1f} min")
     log(f"report: {report_html.write_report(cfg.out)}")
     return 0
 
