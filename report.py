@@ -81,12 +81,13 @@ def table(header, rows):
 
 def summary_section(report):
     usage = report.get("usage") or {}
+    when = report.get("invocation") or report  # w4s.py keeps timestamps in `invocation`; older runs at the top
     tokens = "; ".join(f"{r}: {u.get('calls', 0)} calls, {u.get('prompt', 0):,} prompt + {u.get('completion', 0):,} "
                        "completion tokens" for r, u in usage.items() if isinstance(u, dict))
     facts = [("task", report.get("task")), ("meta-agent", report.get("meta_agent")),
              ("executor", report.get("executor")), ("status", report.get("status")),
              ("isolation", report.get("isolation")), ("cost", fmt_cost(report)),
-             ("wall time", f"{report.get('wall_seconds') or 0:.0f} s"), ("finished", report.get("finished_at"))]
+             ("wall time", f"{when.get('wall_seconds') or 0:.0f} s"), ("finished", when.get("finished_at"))]
     return table(None, [(f"<b>{k}</b>", esc(v)) for k, v in facts + [("tokens", tokens or "–")]])
 
 

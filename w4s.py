@@ -28,7 +28,6 @@ import difflib
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import queue
 import random
@@ -37,7 +36,6 @@ import sqlite3
 import sys
 import threading
 import time
-import traceback
 
 import report as report_html
 import sandbox
@@ -943,7 +941,6 @@ def optimize(cfg, executor, meta, log):
                                                              sample=s, stop=META_STOP), samples))
         cands = list(cfg.meta_pool.map(lambda rs: transition(rs[0], messages, archive, meta, executor, cfg, rs[1]),
                                        zip(replies, samples)))
-        valid = [c for c in cands if c["status"] in ("ok", "discarded")]
         for c in cands:
             c["acc"] = c["ev"].accuracy if "ev" in c else None
             c["reward"] = reward(c["acc"], best["val_accuracy"], prev, cfg.reward) if c["acc"] is not None else 0.0
