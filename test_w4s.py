@@ -386,7 +386,7 @@ def test_end_to_end_on_the_tiny_real_model(tmp_path):
     """The whole loop offline on SmolLM2-135M as both meta-agent and executor: real generation, real sandbox."""
     proc = subprocess.run([sys.executable, os.path.join(HERE, "w4s.py"), "--task", "math", "--meta-agent",
                            "embedded:smollm2-135m", "--executor", "embedded:smollm2-135m", "--iterations", "1",
-                           "--samples", "2", "--val-size", "2", "--test-size", "2", "--max-tokens", "96",
+                           "--samples", "2", "--val-size", "2", "--test-size", "2", "--max-tokens", "96", "--meta-max-tokens", "160",
                            "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.load(open(tmp_path / "run" / "report.json"))

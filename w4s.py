@@ -63,14 +63,16 @@ def parse_args(argv=None):
     p.add_argument("--context-window", type=int, default=2, help="turns per episode before the state is reset to the "
                    "seeds plus the best workflow so far")
     p.add_argument("--val-size", type=int, default=None, help="validation examples the meta-agent is scored on "
-                   "(default 50 with an API executor, 6 with embedded models)")
+                   "(default 50 with an API executor, 4 with embedded models)")
     p.add_argument("--test-size", type=int, default=None, help="held-out test examples scored once at the end; 0 skips "
-                   "test scoring (default 200 with an API executor, 10 with embedded models)")
+                   "test scoring (default 200 with an API executor, 6 with embedded models)")
     p.add_argument("--concurrency", type=int, default=16, help="max executor calls in flight across all workflows")
     p.add_argument("--timeout", type=float, default=None, help="wall-clock seconds per validation sample in the sandbox "
                    "(default 120 with an API executor, 1800 with embedded models)")
     p.add_argument("--max-tokens", type=int, default=None, help="executor reply budget per call (default 2048 with an "
-                   "API executor, 768 with embedded models: longer CPU replies were nearly always wrong anyway)")
+                   "API executor, 512 with embedded models, so that the offline demo ends in ~30 min on 2 CPU cores)")
+    p.add_argument("--meta-max-tokens", type=int, default=1024, help="meta-agent reply budget (analysis + workflow; "
+                   "the 0.5B meta-agent ran past 700 tokens in 5 of 8 replies)")
     p.add_argument("--budget-usd", type=float, default=None, help="stop cleanly once this many dollars are spent")
     p.add_argument("--max-calls", type=int, default=None, help="stop cleanly after this many paid (uncached) LLM calls")
     p.add_argument("--reward", choices=["discrete", "continuous"], default="discrete",
@@ -93,8 +95,8 @@ def apply_defaults(cfg):
     cfg.meta_agent = cfg.meta_agent or "embedded:qwen2.5-coder-0.5b"
     cfg.executor = cfg.executor or ("gpt-4o-mini" if has_key else "embedded:qwen2.5-coder-1.5b")
     local = is_local_spec(cfg.executor)
-    for name, api, offline in [("iterations", 30, 2), ("samples", 5, 3), ("val_size", 50, 6),
-                               ("test_size", 200, 10), ("timeout", 120.0, 1800.0), ("max_tokens", 2048, 768)]:
+    for name, api, offline in [("iterations", 30, 2), ("samples", 5, 3), ("val_size", 50, 4),
+                               ("test_size", 200, 6), ("timeout", 120.0, 1800.0), ("max_tokens", 2048, 512)]:
         if getattr(cfg, name) is None:
             setattr(cfg, name, offline if local else api)
     return cfg
@@ -1115,7 +1117,6 @@ def setup(args):
     cfg.test = random.Random(cfg.seed + 1).sample(test, min(cfg.test_size, len(test)))
     if not cfg.val:
         raise UserError(f"task {cfg.task_name} has no validation examples")
-    cfg.meta_max_tokens = 1024
     cfg.max_calls_per_sample = 50
     cfg.debug_rounds = 3
     cfg.ledger = Ledger(cfg.budget_usd, cfg.max_calls)
