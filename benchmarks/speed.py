@@ -276,7 +276,8 @@ def bench_rlao(args, R):
              rlao_loss_diff=float(f"{abs(nll_plain - nll_rlao):.2e}"), rlao_nll=round(nll_rlao, 5), rlao_tokens=real)
     return [("rlao / plain loop, tok/s", R["rlao_speed_ratio"], ">= 1.2", f"{R['rlao_tok_s']} vs "
              f"{R['rlao_plain_tok_s']} tok/s ({args.rlao_model}, {R['rlao_dtype']}, {real} tokens); padding "
-             f"{R['rlao_padding']:.1%} vs {R['rlao_plain_padding']:.1%}; |loss diff| {R['rlao_loss_diff']} fp32, {R['rlao_loss_diff_bf16']} bf16")]
+             f"{R['rlao_padding']:.1%} vs {R['rlao_plain_padding']:.1%}; |loss diff| {R['rlao_loss_diff']} fp32, "
+             f"{R['rlao_loss_diff_bf16']} bf16")]
 
 
 def main(argv=None):
