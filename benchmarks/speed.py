@@ -76,8 +76,6 @@ def ms(fn):
 # ------------------------------------------------------------------------------------------------- 1. evaluation
 def bench_eval(args, R):
     import test_w4s
-    # TCP_NODELAY: else the stub's separate header and body writes wait for the client's delayed ACK (+40 ms a call)
-    test_w4s.StubHandler.disable_nagle_algorithm = True
     server, tmp = test_w4s.StubOpenAI(delay=args.delay), tempfile.mkdtemp(prefix="w4s-speed-")
     task = os.path.join(tmp, "sums.jsonl")
     with open(task, "w") as f:  # custom tasks keep 20 % of the lines for validation, the rest is the test split
