@@ -1877,3 +1877,15 @@ def test_ddp_two_processes_agree_on_weights(tiny, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "ranks agree on weights: True" in p.stdout, p.stdout[-2000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_rounds_collect_with_w4s_then_train_then_collect_again(tiny, server, sums_task, tmp_path):
+    """--rounds 1: collect (w4s.main, no test split) -> train -> collect with the new checkpoint as meta-agent."""
+    w4s_args = (f"--scorer numeric --executor {server.url}:exec --iterations 1 --samples 2 --val-size 2 "
+                "--meta-max-tokens 24 --timeout 20")
+    rlao.main(flags("", tiny, tmp_path / "rl", "--steps", "1", "--rounds", "1", "--task", sums_task,
+                    "--w4s-args", w4s_args)[2:])
+    rounds = json.load(open(tmp_path / "rl" / "rounds.json"))
+    assert [r["policy"] for r in rounds] == [f"hf:{tiny}", f"hf:{tmp_path / 'rl' / 'round0' / 'policy'}"]
+    reports = [json.load(open(tmp_path / "rl" / f"round{k}" / "collect" / "report.json")) for k in (0, 1)]
+    assert all(r["splits"]["test"] == [] for r in reports)  # collection never touches the test split

@@ -934,7 +934,8 @@ def optimize(cfg, executor, meta, log):
     prev = archive[0]["val_accuracy"]
     cfg.result.update(seeds=seed_archive, best=best)
     started = time.time()
-    for it in range(1, cfg.iterations + 1):
+    from tqdm import tqdm
+    for it in tqdm(range(1, cfg.iterations + 1), desc="W4S iterations", file=sys.stderr, dynamic_ncols=True):
         episode, turn = divmod(it - 1, cfg.context_window)
         if turn == 0 and it > 1:  # episode reset: the seeds plus the best workflow so far
             archive = seed_archive + ([best] if best not in seed_archive else [])
@@ -1199,7 +1200,8 @@ def run_optimization(cfg, executor, meta):
     cfg.saved_config["out"] = cfg.out
     write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(dict(cfg.saved_config, version=VERSION), indent=1))
     cfg.run_id = os.path.basename(os.path.normpath(cfg.out))
-    log = lambda msg: print(f"[w4s] {msg}", file=sys.stderr, flush=True)
+    from tqdm import tqdm
+    log = lambda msg: tqdm.write(f"[w4s] {msg}", file=sys.stderr)  # noqa: E731 (prints above the progress bars)
     cfg.trajectory = Trajectory(os.path.join(cfg.out, "trajectory.jsonl"), resume=bool(cfg.resume), log=log)
     if cfg.meta_agent.startswith("embedded:") and cfg.executor.startswith("embedded:"):
         log(f"offline: embedded models, meta-agent {cfg.meta_agent} -> executor {cfg.executor} "
