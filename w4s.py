@@ -1090,6 +1090,7 @@ def plot_curve(cfg, report):
     for i, (name, s) in enumerate(report["seeds"].items()):
         ax.axhline(s["val"], ls="--", lw=0.8, color=f"C{i + 2}", label=f"seed {name}")
     ax.set(xlabel="iteration", ylabel="validation accuracy", title=f"W4S on {report['task']}", ylim=(-0.02, 1.02))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out, "curve.png"), dpi=110)
