@@ -1215,7 +1215,9 @@ def run_optimization(cfg, executor, meta):
         try:
             save_report(cfg, status)
         finally:
-            log(f"{why}; progress saved; resume with: python w4s.py --resume {cfg.out}")
+            # plain print, not tqdm.write (which redraws the bars below it): this must be the last line on screen
+            print(f"\n[w4s] {why}; progress saved; resume with: python w4s.py --resume {cfg.out}", file=sys.stderr,
+                  flush=True)
             cfg.pool.shutdown(wait=False, cancel_futures=True)
             if __name__ == "__main__":
                 sys.stderr.flush()
