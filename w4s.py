@@ -45,10 +45,15 @@ import sandbox
 # on a 2-core CPU; an API executor gets the paper's defaults (m=5, 30 iterations).
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # defaults that depend on the backend are spelled out in the help itself
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="W4S: a weak meta-agent writes workflows for a strong executor, guided by validation feedback.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--task", default="math", help="built-in task name or a custom FILE.jsonl (question/answer lines)")
     p.add_argument("--scorer", default=None, help="scorer for a custom JSONL task: exact|numeric|math|choice|f1|code")
     p.add_argument("--description", default=None, help="task description for a custom JSONL task")
@@ -74,7 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--meta-max-tokens", type=int, default=1024, help="meta-agent reply budget (analysis + workflow; "
                    "the 0.5B meta-agent ran past 700 tokens in 5 of 8 replies)")
     p.add_argument("--budget-usd", type=float, default=None, help="stop cleanly once this many dollars are spent")
-    p.add_argument("--max-calls", type=int, default=None, help="stop cleanly after this many paid (uncached) LLM calls")
+    p.add_argument("--max-calls", type=int, default=None, help="stop cleanly after this many LLM calls in the run (cached ones count too, so a "
+                   "resume cannot go past it)")
     p.add_argument("--reward", choices=["discrete", "continuous"], default="discrete",
                    help="discrete: 1 beats best, 0.5 beats previous, -0.1 below 0.3; continuous: (acc - best) / best")
     p.add_argument("--seed", type=int, default=0, help="seed for splits and sampling")
