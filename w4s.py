@@ -12,7 +12,8 @@ One file, read top-down, in the order of the paper's MDP (arXiv 2504.04785, Sec.
   7. Reward             discrete (paper) or continuous, in `reward()`.
   8. The loop           m samples per turn, best-of-m continues, episode reset every `context_window` turns;
                         at the end the best workflow and every seed are scored once on the held-out test split.
-Outputs in --out: trajectory.jsonl (RLAO's training data), best_workflow.py, report.json, curve.png.
+Outputs in --out: trajectory.jsonl (RLAO's training data), best_workflow.py, report.json, curve.png and
+report.html (written by report.py).
 
 Left out on purpose: the paper's time-seeded extra validation samples (our validation set is fixed per run),
 any leakage of test scores into feedback or selection, and training (that is rlao.py; this file never imports it).
