@@ -1123,6 +1123,7 @@ def setup(args):
         val, test = cfg.task.load("val"), cfg.task.load("test")
     except (ValueError, FileNotFoundError, OSError) as e:
         raise UserError(str(e).splitlines()[0]) from None
+    cfg.splits = dict(val=val, test=test)  # whole splits, for --evaluate --limit
     cfg.val = random.Random(cfg.seed).sample(val, min(cfg.val_size, len(val)))
     cfg.test = random.Random(cfg.seed + 1).sample(test, min(cfg.test_size, len(test)))
     if not cfg.val:
@@ -1176,7 +1177,7 @@ def run_evaluate(cfg, executor):
         raise UserError(f"--evaluate {source}: no such file or seed ({', '.join(SEED_WORKFLOWS)})")
     examples = cfg.val if cfg.split == "val" else cfg.test
     if cfg.limit:
-        examples = (cfg.task.load(cfg.split))[:cfg.limit]
+        examples = cfg.splits[cfg.split][:cfg.limit]  # the task file was read once, in setup()
     t = time.time()
     ev = evaluate(code, examples, executor, cfg, desc=f"evaluate {os.path.basename(source)}")
     print(json.dumps(dict(task=cfg.task_name, split=cfg.split, accuracy=ev.accuracy, ci=ev.ci, n=ev.n,
