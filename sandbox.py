@@ -3,9 +3,11 @@ a time; every executor-LLM call (`agent.call_llm`, `agent.execute_code`) leaves 
 client, keys, cache, budget and expected answers stay in the parent.
 
 - A *zygote* per Sandbox (per candidate workflow): one `python -I` process inside the strongest isolation available,
-  with an empty environment and common modules pre-imported. For each run() the parent passes it an RPC socket and an
-  output pipe over a unix socket; it forks a task that execs prelude + code in fresh globals and calls entry(arg).
-  A fork per task: globals, monkeypatched builtins or json never reach the next task, at ~ms instead of a cold start.
+  with an empty environment and common modules pre-imported. It keeps one task process forked ahead of need (a
+  *spare*: own session, uid, work dir and rlimits set, the code compiled); for each run() the parent passes it an RPC
+  socket and an output pipe over a unix socket, it hands them to the spare, which execs prelude + code in fresh globals
+  and calls entry(arg), and forks the next spare while the task runs. A fork per task: globals, monkeypatched builtins
+  or json never reach the next task, and the fork is off the task's critical path.
 - A task (parent running as root) gets its own session, a random unprivileged uid (RLIMIT_NPROC applies; it cannot
   signal, ptrace or read other processes or root-only files), a fresh 0700 work dir, no new privileges, a parent-death
   signal, and rlimits on memory, CPU, file size, open files and processes, no core dumps.
@@ -57,11 +59,12 @@ libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: a setuid binary cannot hand a
 libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back here and get reaped
 libc.prctl(4, 0, 0, 0, 0)   # PR_SET_DUMPABLE=0: tasks cannot ptrace the zygote or read its memory
 dumps, loads, ZYGOTE_PID = json.dumps, json.loads, os.getpid()  # bound now: a task's monkeypatches stay in the task
-tasks = {}  # pid -> task
+tasks, spare, forked = {}, None, 0  # pid -> task; the task process forked ahead of need; how many so far
 
-def task_main(t, rpc_fd, out_fd):
+def task_main(t, handoff):
+    # A spare: everything up to compiling the code happens before a task arrives, off the critical path.
     os.setsid()
-    os.dup2(out_fd, 1); os.dup2(out_fd, 2); os.dup2(rpc_fd, 3); os.closerange(4, 1 << 20)
+    os.dup2(handoff.fileno(), 3); os.closerange(4, 1 << 20)  # nothing of the zygote's other tasks stays open here
     if cfg["setuid"]:
         os.setgroups([]); os.setgid(t["uid"]); os.setuid(t["uid"])
         libc.prctl(4, 1, 0, 0, 0)  # dumpable again so the task can read its own /proc/self
@@ -71,14 +74,23 @@ def task_main(t, rpc_fd, out_fd):
     os.environ.clear()
     os.environ.update(PATH="/usr/bin:/bin", HOME=t["workdir"], TMPDIR=t["workdir"], LANG="C.UTF-8",
                       OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    for res, value in ((resource.RLIMIT_AS, cfg["memory"]), (resource.RLIMIT_FSIZE, cfg["fsize"]),
+                       (resource.RLIMIT_NOFILE, cfg["nofile"]), (resource.RLIMIT_CORE, 0),
+                       (resource.RLIMIT_NPROC, cfg["nproc"])):
+        resource.setrlimit(res, (value, value))
+    name, code = cfg["filename"], cfg["code"]
+    linecache.cache[name] = (len(code), None, code.splitlines(True), name)
+    try: compiled, bad = (compile(cfg["prelude"], "<prelude>", "exec"), compile(code, name, "exec")), None
+    except BaseException as exc: compiled, bad = None, exc  # reported as the task's error once it arrives
+    with socket.socket(fileno=3) as wait:  # for a task: its RPC socket and output pipe
+        _, fds, _, _ = socket.recv_fds(wait, 16, 2)
+    if len(fds) != 2: os._exit(0)  # the zygote is closing
+    os.dup2(fds[1], 1); os.dup2(fds[1], 2); os.dup2(fds[0], 3); os.closerange(4, 1 << 20)
     sys.stdout = sys.stderr = open(1, "w", encoding="utf-8", errors="replace", closefd=False, buffering=1)
     chan = socket.socket(fileno=3); reader = chan.makefile("rb"); lock = threading.Lock()
     first = loads(reader.readline())
     cpu = int(first["timeout"]) + 2
-    for res, value in ((resource.RLIMIT_AS, cfg["memory"]), (resource.RLIMIT_CPU, cpu),
-                       (resource.RLIMIT_FSIZE, cfg["fsize"]), (resource.RLIMIT_NOFILE, cfg["nofile"]),
-                       (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, cfg["nproc"])):
-        resource.setrlimit(res, (value, value))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
 
     def rpc(method, params=None):
         with lock:
@@ -87,12 +99,11 @@ def task_main(t, rpc_fd, out_fd):
         if "error" in reply: raise RuntimeError(reply["error"])
         return reply["ok"]
 
-    name, code = cfg["filename"], cfg["code"]
-    linecache.cache[name] = (len(code), None, code.splitlines(True), name)
     scope = {"__name__": "__main__", "rpc": rpc}
     try:
-        exec(compile(cfg["prelude"], "<prelude>", "exec"), scope)
-        exec(compile(code, name, "exec"), scope)
+        if bad is not None: raise bad
+        exec(compiled[0], scope)
+        exec(compiled[1], scope)
         if not callable(scope.get(first["entry"])):
             raise NameError(f"{first['entry']!r} is not defined by {name}")
         line = dumps({"result": scope[first["entry"]](first["arg"])})
@@ -112,18 +123,30 @@ def describe(exc, name):
     if own: text += "Traceback (most recent call last):\n" + "".join(traceback.StackSummary.from_list(own).format())
     return text.strip()[:4000]
 
-def start_task(msg, fds):
-    rpc_fd, out_fd = fds
+def fork_spare():
+    """A task process forked ahead of need, waiting for its fds: the fork is not on a task's critical path."""
+    global spare, forked
     uid = int.from_bytes(os.urandom(4), "little") % (1 << 30) + (1 << 20) if cfg["setuid"] else os.getuid()
-    t = dict(id=msg["id"], uid=uid, fd=rpc_fd, workdir=os.path.join(cfg["base"], str(msg["id"])))
+    spare = t = dict(id=None, uid=uid, fd=None, workdir=os.path.join(cfg["base"], str(forked)))
+    forked += 1
     os.mkdir(t["workdir"], 0o700)
     if cfg["setuid"]: os.chown(t["workdir"], uid, uid)
+    t["handoff"], theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     t["pid"] = os.fork()
     if t["pid"] == 0:
-        try: signal.set_wakeup_fd(-1); signal.signal(signal.SIGCHLD, signal.SIG_DFL); task_main(t, rpc_fd, out_fd)
+        try: signal.set_wakeup_fd(-1); signal.signal(signal.SIGCHLD, signal.SIG_DFL); task_main(t, theirs)
         finally: os._exit(70)
-    os.close(out_fd)
+    theirs.close()
     tasks[t["pid"]] = t
+    return t
+
+def start_task(msg, fds):
+    t = spare if spare and spare["pid"] in tasks else fork_spare()
+    t["id"], t["fd"] = msg["id"], fds[0]
+    try: socket.send_fds(t["handoff"], [b"go"], fds)
+    except OSError: pass  # the spare died: reap() reports it as this task's exit
+    os.close(fds[1]); t["handoff"].close()
+    fork_spare()
 
 def kill_task(t):
     # With the task's uid as real uid, kill(-1) reaches exactly its processes, detached ones included, and the kernel
@@ -145,6 +168,7 @@ def reap():
         if t is None: continue  # an orphan of some task, already killed: reaped here because we are its subreaper
         kill_task(t)
         shutil.rmtree(t["workdir"], ignore_errors=True)
+        if t["fd"] is None: t["handoff"].close(); continue  # a spare that died before it got a task
         os.set_blocking(t["fd"], False)  # the channel may be full; the exit status is only a courtesy
         try: os.write(t["fd"], b"\n" + dumps({"exit": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
         except OSError: pass
@@ -153,6 +177,7 @@ def reap():
 ctrl = socket.socket(fileno=cfg["ctrl"])
 wake_r, wake_w = os.pipe(); os.set_blocking(wake_w, False)
 signal.set_wakeup_fd(wake_w); signal.signal(signal.SIGCHLD, lambda *_: None)
+fork_spare()
 while True:
     ready = select.select([ctrl, wake_r], [], [])[0]
     if wake_r in ready: os.read(wake_r, 4096); reap()
