@@ -296,6 +296,15 @@ def test_openai_path_runs_a_full_optimization(server, sums_task, tmp_path):
     assert report["status"] == "finished" and report["best"]["test"]["accuracy"] == 1.0
 
 
+def test_report_splits_the_wall_time_by_phase(server, sums_task, tmp_path):
+    stub_run(server, sums_task, tmp_path / "run")
+    inv = json.load(open(tmp_path / "run" / "report.json"))["invocation"]
+    phases = inv["phase_seconds"]
+    assert set(phases) == {"seed_evaluation", "meta_agent_generation", "candidate_check_and_evaluation",
+                           "test_scoring", "model_load"}
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= inv["wall_seconds"] + 0.5
+
+
 def test_every_action_is_logged_with_its_reward(server, sums_task, tmp_path):
     stub_run(server, sums_task, tmp_path / "run")
     rows = read_trajectory(tmp_path / "run")
@@ -1702,7 +1711,8 @@ def test_a_cached_replay_is_byte_identical_apart_from_the_invocation_field(sums_
     again = json.load(open(out / "report.json"))
     assert len(srv.requests) == paid and (out / "trajectory.jsonl").read_bytes() == traj
     assert comparable(again) == comparable(report) and again["invocation"]["paid"]["total_usd"] == 0
-    assert set(report["invocation"]) == {"started_at", "finished_at", "wall_seconds", "resumed", "paid"}
+    assert set(report["invocation"]) == {"started_at", "finished_at", "wall_seconds", "resumed", "paid",
+                                         "phase_seconds"}
     assert (json.dumps(comparable(again), indent=1) == json.dumps(comparable(report), indent=1))
 
 

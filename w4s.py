@@ -24,6 +24,7 @@ import argparse
 import ast
 import collections
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -454,6 +455,7 @@ class LLM:
 
     engines = {}  # local engines are shared: one model in memory per spec, one batch for all its callers
     engines_lock = threading.Lock()
+    load_seconds = 0.0  # spent loading local models (lazily, on a model's first uncached call)
 
     def __init__(self, spec, role, ledger, cache, concurrency=16):
         self.spec, self.role, self.ledger, self.cache = spec, role, ledger, cache
@@ -478,7 +480,9 @@ class LLM:
         if self.client is None:
             with LLM.engines_lock:
                 if self.spec not in LLM.engines:
+                    t = time.time()
                     LLM.engines[self.spec] = LocalEngine(self.spec)
+                    LLM.load_seconds += time.time() - t
                 engine = LLM.engines[self.spec]
             return engine.generate(messages, temperature, max_tokens, seed=sample, stop=stop)
         return self.call_api(messages, temperature, max_tokens, stop)
@@ -928,12 +932,21 @@ def archive_entry(name, code, ev, seed, feedback=None):
                 feedback=feedback)
 
 
+@contextlib.contextmanager
+def phase(cfg, name):
+    """Wall seconds per phase of the run, for report.json; a model loaded meanwhile counts as model_load instead."""
+    t, load = time.time(), LLM.load_seconds
+    yield
+    cfg.phases[name] = cfg.phases.get(name, 0.0) + time.time() - t - (LLM.load_seconds - load)
+
+
 def optimize(cfg, executor, meta, log):
     seeds = {name: SEED_WORKFLOWS[name] for name in cfg.task.SEEDS}
     seeds.update(getattr(cfg.task, "EXTRA_SEEDS", {}) or {})
     archive = []
     for name, code in seeds.items():
-        ev = evaluate(code, cfg.val, executor, cfg, desc=f"seed {name}")
+        with phase(cfg, "seed_evaluation"):
+            ev = evaluate(code, cfg.val, executor, cfg, desc=f"seed {name}")
         archive.append(archive_entry(name, code, ev, cfg.seed))
         log(f"seed {name:12s} val {ev.accuracy:.2f} [{ev.ci[0]:.2f}, {ev.ci[1]:.2f}]  ({ev.failed} failed)")
     seed_archive = list(archive)
@@ -948,10 +961,12 @@ def optimize(cfg, executor, meta, log):
             archive = seed_archive + ([best] if best not in seed_archive else [])
         messages = build_state(cfg.task, archive)
         samples = [100 * it + j for j in range(cfg.samples)]
-        replies = list(cfg.meta_pool.map(lambda s: meta.chat(messages, temperature=0.7, max_tokens=cfg.meta_max_tokens,
-                                                             sample=s, stop=META_STOP), samples))
-        cands = list(cfg.meta_pool.map(lambda rs: transition(rs[0], messages, archive, meta, executor, cfg, rs[1]),
-                                       zip(replies, samples)))
+        with phase(cfg, "meta_agent_generation"):
+            replies = list(cfg.meta_pool.map(lambda s: meta.chat(messages, temperature=0.7, sample=s, stop=META_STOP,
+                                                                 max_tokens=cfg.meta_max_tokens), samples))
+        with phase(cfg, "candidate_check_and_evaluation"):  # dry run, self-check, self-debug (meta-agent), evaluation
+            cands = list(cfg.meta_pool.map(lambda rs: transition(rs[0], messages, archive, meta, executor, cfg, rs[1]),
+                                           zip(replies, samples)))
         for c in cands:
             c["acc"] = c["ev"].accuracy if "ev" in c else None
             c["reward"] = reward(c["acc"], best["val_accuracy"], prev, cfg.reward) if c["acc"] is not None else 0.0
@@ -987,7 +1002,8 @@ def score_on_test(cfg, executor, seed_archive, best, log):
     """The held-out test split, scored once at the end, for the best workflow and every seed (never seen before)."""
     out = {}
     for w in seed_archive + ([best] if best not in seed_archive else []):
-        ev = evaluate(w["code"], cfg.test, executor, cfg, desc=f"test {w['name']}")
+        with phase(cfg, "test_scoring"):
+            ev = evaluate(w["code"], cfg.test, executor, cfg, desc=f"test {w['name']}")
         out[w["name"]] = dict(accuracy=ev.accuracy, ci=ev.ci, n=ev.n, failed=ev.failed)
         log(f"test {w['name']:12s} {ev.accuracy:.2f} [{ev.ci[0]:.2f}, {ev.ci[1]:.2f}]  (n={ev.n})")
     return out
@@ -1063,7 +1079,9 @@ def save_report(cfg, status):
     # paid vs. took from the cache) lives in `invocation`; the rest is the same on a --resume or a cached re-run.
     invocation = dict(started_at=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(cfg.t0)),
                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), wall_seconds=round(time.time() - cfg.t0, 1),
-                      resumed=bool(cfg.resume), paid=cfg.ledger.summary(paid=True))
+                      resumed=bool(cfg.resume), paid=cfg.ledger.summary(paid=True),
+                      phase_seconds=dict({k: round(v, 1) for k, v in cfg.phases.items()},
+                                         model_load=round(LLM.load_seconds, 1)))
     report = dict(task=cfg.task_name, status=status, meta_agent=cfg.meta_agent, executor=cfg.executor,
                   isolation=sandbox.isolation_mode(), usage=cfg.ledger.summary(),
                   seeds={w["name"]: dict(val=w["val_accuracy"], val_ci=w["val_ci"],
@@ -1136,7 +1154,7 @@ def setup(args):
     meta = LLM(cfg.meta_agent, "meta_agent", cfg.ledger, cache, cfg.concurrency)
     cfg.pool = cf.ThreadPoolExecutor(cfg.concurrency)  # all samples in flight, across every workflow at once
     cfg.meta_pool = cf.ThreadPoolExecutor(max(cfg.samples, 1))
-    cfg.result = dict(history=[])
+    cfg.result, cfg.phases = dict(history=[]), {}
     cfg.t0 = time.time()
     return cfg, executor, meta
 
@@ -1254,6 +1272,8 @@ def run_optimization(cfg, executor, meta):
         f"${report['usage']['total_usd']:.4f} (this process paid ${paid['total_usd']:.4f} for "
         f"{sum(u['calls'] for k, u in paid.items() if k != 'total_usd')} calls), "
         f"{report['invocation']['wall_seconds'] / 60:.1f} min")
+    log("time by phase: " + ", ".join(f"{k.replace('_', ' ')} {v / 60:.1f} min"
+                                      for k, v in report["invocation"]["phase_seconds"].items()))
     log(f"report: {report_html.write_report(cfg.out)}")
     return 0
 
