@@ -36,7 +36,7 @@ SIZES = {  # name: (full run, --quick, help)
     "workflows": (8, 6, "local: concurrently running workflows, with staggered starts"),
     "k": (4, 3, "local: requests each workflow sends at once (CoT-SC-like)"),
     "single": (6, 4, "local: of those, requests also run one at a time (spread over prompt lengths)"),
-    "max_tokens": (32, 16, "local: largest output budget"),
+    "max_tokens": (128, 16, "local: largest output budget (CoT-length replies: decoding, not prefill, dominates)"),
     "gap": (1.0, 0.2, "local: seconds between workflow starts"),
     "rlao_examples": (16, 8, "rlao: trajectory examples"),
 }
