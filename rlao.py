@@ -8,7 +8,7 @@ How this file maps onto it, top to bottom:
   w = exp(r/tau), tau = 0.4                            action tokens only, w normalised over the training set
   policy gradient with a group baseline              -> --objective pg: A = r - mean(r of the turn) [/ std], optional
                                                       KL penalty to the initial policy
-  train on some tasks, then optimise with the        -> --rounds R --task T: collect (w4s.main, validation data only,
+  train on some tasks, then optimise with the        -> --rounds R --task T: collect (w4s.py, validation data only,
   trained meta-agent                                   --test-size 0) -> train -> collect ..., a checkpoint per round
 The training loop is the usual one: the model's own chat template, length-sorted micro-batches, AdamW with warmup +
 cosine, gradient accumulation and clipping, bf16 with fp32 master weights, optional gradient checkpointing, an optional hand-written
@@ -20,7 +20,7 @@ produced, so the data is close to on-policy), a value function, sequence packing
 padding back, see the log line), FSDP/ZeRO (DDP replicates the model: fine up to ~1.5B on one 80 GB GPU), per-task
 weighting of mixed data, and models whose logits are not a plain linear map of the last hidden state (soft-capping).
 """
-import argparse, contextlib, copy, hashlib, json, math, os, random, shlex, sys, time
+import argparse, contextlib, copy, hashlib, json, math, os, random, shlex, subprocess, sys, time
 from collections import defaultdict
 from datetime import timedelta
 from pathlib import Path
@@ -472,13 +472,14 @@ def run_rounds(args, rank, world, device):
     """--rounds R: collect with the current meta-agent -> train on everything collected so far -> collect again."""
     if not args.task:
         die("--rounds needs --task (the w4s task to collect trajectories on)")
-    import w4s
     policy, data, history = args.init, list(args.data), []
     for k in range(args.rounds + 1):
         coll = Path(args.out) / f"round{k}" / "collect"
         if rank == 0 and not list(coll.rglob("trajectory.jsonl")):  # never the test split: --test-size 0
-            rc = w4s.main(shlex.split(args.w4s_args) + ["--task", args.task, "--meta-agent", policy,
-                                                         "--test-size", "0", "--out", str(coll)])
+            # w4s.py in a process of its own: its models (executor and meta-agent) leave memory before training
+            rc = subprocess.run([sys.executable, str(Path(__file__).with_name("w4s.py"))] + shlex.split(args.w4s_args)
+                                + ["--task", args.task, "--meta-agent", policy, "--test-size", "0", "--out", str(coll)]
+                                ).returncode
             if rc:
                 die(f"w4s collection for round {k} failed (exit code {rc})")
         if world > 1:
