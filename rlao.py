@@ -331,7 +331,7 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
     if args.lora_r:
         add_lora(model, args.lora_r, args.lora_alpha)
     if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     bf16 = use_bf16(args.precision, device)
     model.to(device, torch.bfloat16 if bf16 else torch.float32).train()
     ref = copy.deepcopy(model).eval().requires_grad_(False) if args.kl > 0 and not args.lora_r else None

@@ -1873,6 +1873,14 @@ def test_resume_continues_where_it_stopped(tiny, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_gradient_checkpointing_trains_to_the_same_weights(tiny, tmp_path):
+    data = toy_data(tmp_path)
+    rlao.main(flags(data, tiny, tmp_path / "a", "--steps", "2", "--lr", "1e-3"))
+    rlao.main(flags(data, tiny, tmp_path / "b", "--steps", "2", "--lr", "1e-3", "--grad-ckpt"))
+    a, b = (torch.load(tmp_path / d / "train_state.pt")["trainable"] for d in "ab")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_clear_errors_for_bad_input(tiny, tmp_path):
     with pytest.raises(SystemExit, match="no such file or directory"):
         rlao.main(flags(str(tmp_path / "missing.jsonl"), tiny, tmp_path / "out"))
