@@ -11,8 +11,8 @@ How this file maps onto it, top to bottom:
   train on some tasks, then optimise with the        -> --rounds R --task T: collect (w4s.py, validation data only,
   trained meta-agent                                   --test-size 0) -> train -> collect ..., a checkpoint per round
 The training loop is the usual one: the model's own chat template, length-sorted micro-batches, AdamW with warmup +
-cosine, gradient accumulation and clipping, bf16 with fp32 master weights, optional gradient checkpointing, an optional hand-written
-LoRA (merged into the weights on save), DDP under torchrun, resume from OUT/train_state.pt. The output dir is an HF
+cosine, gradient accumulation and clipping, bf16 with fp32 master weights, optional gradient checkpointing, an
+optional hand-written LoRA (merged into the weights on save), DDP under torchrun, resume from OUT/train_state.pt. The output dir is an HF
 checkpoint (config, tokenizer, model.safetensors) that `python w4s.py --meta-agent hf:OUT` loads.
 
 Deliberately left out: PPO-style importance ratios and clipping (each round trains once on data its own policy just

@@ -81,8 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--meta-max-tokens", type=int, default=1024, help="meta-agent reply budget (analysis + workflow; "
                    "the 0.5B meta-agent ran past 700 tokens in 5 of 8 replies)")
     p.add_argument("--budget-usd", type=float, default=None, help="stop cleanly once this many dollars are spent")
-    p.add_argument("--max-calls", type=int, default=None, help="stop cleanly after this many LLM calls in the run (cached ones count too, so a "
-                   "resume cannot go past it)")
+    p.add_argument("--max-calls", type=int, default=None, help="stop cleanly after this many LLM calls in the run "
+                   "(cached ones count too, so a resume cannot go past it)")
     p.add_argument("--reward", choices=["discrete", "continuous"], default="discrete",
                    help="discrete: 1 beats best, 0.5 beats previous, -0.1 below 0.3; continuous: (acc - best) / best")
     p.add_argument("--seed", type=int, default=0, help="seed for splits and sampling")
