@@ -492,6 +492,27 @@ def test_task_loads_disjoint_val_and_test(name):
     assert isinstance(task.DESCRIPTION, str) and task.SEEDS and isinstance(task.score(val[0], 'no idea'), float)
 
 
+EXTRACT_CASES = {  # task -> (a long CoT reply whose end holds the answer, what the scorer compares)
+    'math': ('Let x = 3. ' * 80 + 'So the answer is \\boxed{\\frac{3}{4}}.', '\\frac{3}{4}'),
+    'gsm8k': ('First, 12 + 30 = 42 apples. ' * 40 + 'The answer is 1,234.', '1234'),
+    'gsm-hard': ('Costs are $5 each. ' * 40 + 'She loses $-9,867,630 a day.', '-9867630'),
+    'mgsm': ('Zuerst 2 + 2 = 4. ' * 40 + 'Die Antwort ist \\boxed{18}.', '18'),
+    'mmlu': ('Option A is wrong because ... ' * 40 + 'The answer is (C).', 'C'),
+    'drop': ('The passage says many things. ' * 40 + '\\boxed{Tom Brady}', 'Tom Brady'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(EXTRACT_CASES))
+def test_task_extract_gives_what_the_scorer_compared(name):
+    task, (reply, want) = benchmarks.get_task(name), EXTRACT_CASES[name]
+    assert task.extract({'answer': want}, reply) == want
+
+
+def test_code_task_extract_gives_the_tested_program():
+    reply = 'Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nDone.'
+    assert benchmarks.get_task('humaneval').extract({'entry_point': 'add'}, reply).startswith('def add(a, b):')
+
+
 def test_unknown_task_names_the_choices():
     with pytest.raises(ValueError, match='unknown task'):
         benchmarks.get_task('gsm9k')

@@ -1,6 +1,7 @@
 """Benchmark registry and the logic every task shares: finding data, fixed splits, answer extraction, numeric match.
 
-A task is a module with DESCRIPTION, SEEDS, EXTRA_SEEDS, load(split) and score(example, answer) (see math.py).
+A task is a module with DESCRIPTION, SEEDS, EXTRA_SEEDS, load(split), score(example, answer) and
+extract(example, answer): the part of the reply the scorer compared, shown to the meta-agent (see math.py).
 `get_task(name)` returns one; `get_task('my.jsonl', scorer=...)` builds a custom task (custom.py).
 Data is looked up in this order (DESIGN.md): $W4S_DATA_DIR/<file>; a file shipped inside a PyPI data package
 (located with find_spec, which does not run the package's __init__); the cache ~/.cache/w4s/data; a download from the
@@ -107,6 +108,12 @@ def to_number(text):
         return float(nums[-1]) if nums else None
     except (ValueError, OverflowError):
         return None
+
+
+def extract_number(example, answer):
+    """The number a numeric scorer compares, as text ('' when the reply holds none): what the meta-agent is shown."""
+    pred = to_number(extract_answer(answer))
+    return '' if pred is None else str(int(pred)) if pred.is_integer() and abs(pred) < 1e18 else repr(pred)
 
 
 def numeric_match(answer, gold, abs_tol=1e-6):

@@ -11,7 +11,7 @@ check(candidate) is called with entry_point, one defining check() is called bare
 Leaves out: other file formats (CSV, Parquet) and per-example scorers.
 """
 import json, os, re, types
-from . import CODE_SEED, split, extract_answer, numeric_match, choice_letter, extract_code, run_tests
+from . import CODE_SEED, split, extract_answer, extract_number, numeric_match, choice_letter, extract_code, run_tests
 from . import math as bmath, drop
 
 SCORERS = ['exact', 'numeric', 'math', 'choice', 'f1', 'code']
@@ -38,6 +38,14 @@ SCORE = {
     'choice': lambda e, a: float(choice_letter(a, 'ABCDEFGHIJ'[:len(e.get('choices') or 'ABCD')]) == e['answer']),
     'f1': drop.score,
     'code': _code_score,
+}
+EXTRACT = {  # the part of the reply each scorer compares, shown to the meta-agent in its feedback
+    'exact': lambda e, a: extract_answer(a, last_number=False),
+    'numeric': extract_number,
+    'math': lambda e, a: extract_answer(a),
+    'choice': lambda e, a: choice_letter(a, 'ABCDEFGHIJ'[:len(e.get('choices') or 'ABCD')]) or '',
+    'f1': drop.extract,
+    'code': lambda e, a: extract_code(a, e.get('entry_point')),
 }
 
 
@@ -81,4 +89,4 @@ def make_task(path, scorer=None, description=None):
         DESCRIPTION=description or f'Questions from {os.path.basename(path)}; answers are scored by {scorer} match.',
         SEEDS=['cot', 'self_refine'] if scorer == 'code' else ['cot', 'cot_sc', 'pot', 'self_refine'],
         EXTRA_SEEDS={'code_self_test': CODE_SEED} if scorer == 'code' else {},
-        load=lambda which: split(examples, which, n_val, seed=0), score=SCORE[scorer])
+        load=lambda which: split(examples, which, n_val, seed=0), score=SCORE[scorer], extract=EXTRACT[scorer])

@@ -53,6 +53,10 @@ def f1(answer, reference):
     return round(2 * precision * recall / (precision + recall), 2) if common or not (pred or gold) else 0.0
 
 
+def extract(example, answer):
+    return extract_answer(answer, last_number=False)  # a CoT reply's \boxed{} answer, else the whole reply
+
+
 def score(example, answer):
-    refs, answer = example['answer'], extract_answer(answer, last_number=False)  # a CoT reply's \boxed{} answer
+    refs, answer = example['answer'], extract(example, answer)
     return max(f1(answer, ref) for ref in (refs if isinstance(refs, list) else [refs]))

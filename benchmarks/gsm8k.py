@@ -3,7 +3,7 @@
 Score: numeric match of the final number of the reply (\\boxed{}, "the answer is", else the last number) with the
 number after "####" in the reference solution. Leaves out: the train split (we never train the executor).
 """
-from . import data_path, read_jsonl, split, numeric_match
+from . import data_path, read_jsonl, split, numeric_match, extract_number as extract
 
 DESCRIPTION = ('Grade-school math word problems (GSM8K). Each answer is a single number; return only that number, '
                'e.g. "42".')

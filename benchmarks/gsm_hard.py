@@ -4,7 +4,7 @@
 Score: numeric match of the final number with absolute tolerance 0.1, as the W4S code scores it (targets are floats
 such as 3.3333333333). Leaves out: the reference programs in the `code` field (kept in the example, never shown).
 """
-from . import data_path, read_jsonl, split, numeric_match
+from . import data_path, read_jsonl, split, numeric_match, extract_number as extract
 
 DESCRIPTION = ('Math word problems with large or unusual numbers (GSM-Hard). The answer is a single number, possibly '
                'negative or fractional; return only that number, e.g. "-9867630" or "3.25". Computing with code helps.')

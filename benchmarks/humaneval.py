@@ -28,6 +28,10 @@ def load(which):
     return [dict(r, id=r['task_id'], question=r['prompt'], answer=r['canonical_solution']) for r in rows]
 
 
+def extract(example, answer):
+    return extract_code(answer, example['entry_point'])  # the program the hidden tests run
+
+
 def score(example, answer):
-    code = extract_code(answer, example['entry_point'])
+    code = extract(example, answer)
     return run_tests(f"{example['prompt']}\n{code}\n\n{example['test']}\n\ncheck({example['entry_point']})\n", TIMEOUT)

@@ -100,5 +100,9 @@ def is_equiv(a, b):
     return True
 
 
+def extract(example, answer):
+    return extract_answer(answer)
+
+
 def score(example, answer):
-    return float(is_equiv(extract_answer(answer), example['answer']))
+    return float(is_equiv(extract(example, answer), example['answer']))

@@ -24,7 +24,11 @@ def load(which):
             for r in rows]
 
 
+def extract(example, answer):
+    return extract_code(answer, example['entry_point'])  # the program the hidden tests run
+
+
 def score(example, answer):
-    code = extract_code(answer, example['entry_point'])
+    code = extract(example, answer)
     imports = '\n'.join(example.get('test_imports') or [])
     return run_tests(f"{imports}\n{code}\n\n{example['test']}\n\ncheck()\n", TIMEOUT)

@@ -6,7 +6,7 @@ Each example carries 'language' so the report can give per-language accuracy.
 Score: numeric match of the final number. Leaves out: the MGSM few-shot exemplars and native-script numerals.
 """
 import types
-from . import MGSM_LANGUAGES, data_path, split, numeric_match
+from . import MGSM_LANGUAGES, data_path, split, numeric_match, extract_number as extract
 
 DESCRIPTION = ('Grade-school math word problems written in one of 11 languages (MGSM: Bengali, German, English, '
                'Spanish, French, Japanese, Russian, Swahili, Telugu, Thai, Chinese). Each answer is a single number; '
@@ -32,5 +32,5 @@ def score(example, answer):
 
 def for_language(lang):
     """The task mgsm-XX: the same names as this module, restricted to one language."""
-    return types.SimpleNamespace(DESCRIPTION=DESCRIPTION, SEEDS=SEEDS, EXTRA_SEEDS=EXTRA_SEEDS, score=score,
+    return types.SimpleNamespace(DESCRIPTION=DESCRIPTION, SEEDS=SEEDS, EXTRA_SEEDS=EXTRA_SEEDS, score=score, extract=extract,
                                  load=lambda which: load(which, [lang]))

@@ -22,5 +22,9 @@ def load(which):
     return split(examples, which, N_VAL, SEED)
 
 
+def extract(example, answer):
+    return choice_letter(answer) or ''
+
+
 def score(example, answer):
-    return float(choice_letter(answer) == example['answer'])
+    return float(extract(example, answer) == example['answer'])
