@@ -14,7 +14,6 @@ import difflib
 import html
 import json
 import os
-import re
 from urllib.parse import quote
 
 from pygments import highlight
@@ -29,7 +28,7 @@ th{background:#f3f3f3}pre{white-space:pre-wrap;margin:4px 0}
 .head{font-weight:bold;background:#f3f3f3}details.act{border-top:1px solid #ddd}
 details.act>summary{cursor:pointer;list-style:none}details.act>summary:hover{background:#f7f7ff}
 details.act[open]>summary{background:#eef}.body{padding:4px 14px 12px}.chosen{background:#e9f8e9}
-.st-error,.st-rejected,.st-discarded{color:#a33}.hl{background:#f8f8f8;padding:2px 6px}
+.st-error,.st-near-copy,.st-unextractable,.st-broken,.st-discarded{color:#a33}.hl{background:#f8f8f8;padding:2px 6px}
 .err{background:#fff3f3}img.curve{max-width:100%}h3{margin:12px 0 4px;font-size:14px}
 """ + FORMATTER.get_style_defs(".hl")
 # The one script: expand/collapse all actions (the slow test checks the page logs no console errors).
@@ -139,20 +138,11 @@ def curve_section(run_dir, report):
     return svg_curves([("best so far", best_so_far(report))])
 
 
-# How w4s.build_state prints each archive entry in the state (the only place a seed's code is recorded).
-ARCHIVE_ENTRY = re.compile(r"^## (\S+): validation accuracy ([\d.]+)\n```python\n(.*?)\n```[ \t]*$", re.M | re.S)
-
-
-def refined_workflow(row, seed_names):
-    """The archive entry the action most likely built on, read from the state it was shown: the latest chosen
-    workflow (the one the state's feedback is about), else the best seed. None when the state holds no archive."""
-    state = "\n".join(m.get("content") or "" for m in row.get("messages") or [] if m.get("role") == "user")
-    archive = [(name, float(acc), code) for name, acc, code in ARCHIVE_ENTRY.findall(state)]
-    chosen = [(name, code) for name, _, code in archive if name not in seed_names]
-    if chosen or not archive:
-        return chosen[-1] if chosen else None
-    name, _, code = max(archive, key=lambda entry: entry[1])  # the first of equals, as w4s picks its best
-    return name, code
+def workflow_codes(report, rows):
+    """Name -> code of every workflow an action can refine: the seeds and each turn's chosen workflow."""
+    codes = {name: s.get("code") for name, s in (report.get("seeds") or {}).items()}
+    codes.update({f"iteration{r['iteration']}": r.get("code") for r in rows if r.get("chosen")})
+    return codes
 
 
 def analysis_of(action):
@@ -169,10 +159,13 @@ def diff_html(base, code):
     return highlight(text, DiffLexer(), FORMATTER) if text else f"<p>identical to {esc(name)}</p>"
 
 
-def failures_html(failures):
-    rows = [(f"<pre>{esc(f.get('question', ''))}</pre>", f"<pre>{esc(f.get('got', ''))}</pre>",
-             f"<pre>{esc(f.get('expected', ''))}</pre>", f"<pre>{esc(f.get('error') or '')}</pre>") for f in failures]
-    return table(("question", "workflow answer", "expected", "error"), rows) if rows else "<p>none</p>"
+def cases_html(cases):
+    rows = [("✔" if c.get("correct") else "✘", f"<pre>{esc(c.get('question', ''))}</pre>",
+             f"<pre>{esc(c.get('extracted', ''))}</pre>", f"<pre>{esc(c.get('expected', ''))}</pre>",
+             f"<pre>{esc((c.get('got') or '')[-300:])}</pre>", f"<pre>{esc(c.get('error') or '')}</pre>")
+            for c in cases]
+    return table(("", "question", "answer compared", "correct answer", "end of the output", "error"), rows) \
+        if rows else "<p>none</p>"
 
 
 def debug_html(rounds):
@@ -184,21 +177,24 @@ def code_html(code):
     return highlight(code, PythonLexer(), FORMATTER) if code else "<p>no workflow</p>"
 
 
-def action_row(row, seed_names):
+def action_row(row, codes):
     chosen, status = row.get("chosen"), esc(row.get("status"))
     cells = [row.get("episode"), row.get("turn"), row.get("iteration"), row.get("sample")]
     summary = "".join(f"<span>{esc(c)}</span>" for c in cells) + (
         f"<span>{fmt_acc(row.get('val_accuracy'))}</span><span>{row.get('reward') or 0:+.2f}</span>"
         f"<span class='st-{status}'>{'✔ chosen' if chosen else ''} {status} {esc(row.get('reason') or '')}</span>")
     code = row.get("code")
-    base = refined_workflow(row, seed_names)
+    parent = row.get("parent")
+    base = (parent, codes[parent]) if codes.get(parent) else None
     body = [f"<h3>analysis</h3><pre>{esc(analysis_of(row.get('action'))) or '–'}</pre>",
             "<h3>workflow</h3>" + code_html(code),
             f"<h3>diff against {esc(base[0]) if base else 'nothing'}</h3>" + diff_html(base, code),
-            "<h3>failure cases (validation; the meta-agent sees them once the workflow is archived)</h3>"
-            + failures_html(row.get("failures") or [])]
+            "<h3>validation cases, failures first (the meta-agent's feedback when this action is chosen)</h3>"
+            + cases_html(row.get("cases") or [])]
     if row.get("debug"):
         body.append(debug_html(row["debug"]))
+    if row.get("first_action") and row["first_action"] != row.get("action"):
+        body.append(f"<h3>the meta-agent's first reply, before self-debug</h3><pre>{esc(row['first_action'])}</pre>")
     return (f"<details class='act{' chosen' if chosen else ''}'><summary class='grid'>{summary}</summary>"
             f"<div class='body'>{''.join(body)}</div></details>")
 
@@ -212,14 +208,14 @@ def write_atomic(path, text):
 def write_report(run_dir):
     """Render RUN_DIR/report.html from the run's files; returns its path."""
     report, rows = load_run(run_dir)
-    seed_names = set(report.get("seeds") or {})
+    codes = workflow_codes(report, rows)
     header = "".join(f"<span>{h}</span>" for h in ("episode", "turn", "iteration", "sample", "val acc.", "reward",
                                                     "status and reason"))
     body = (f"<h1>W4S run on {esc(report.get('task'))}</h1>{summary_section(report)}"
             f"<h2>Seeds vs best</h2>{scores_section(report)}<h2>Optimisation curve</h2>{curve_section(run_dir, report)}"
             f"<h2>Meta-agent actions ({len(rows)})</h2><button onclick='setAll(true)'>expand all</button> "
             f"<button onclick='setAll(false)'>collapse all</button><div class='grid head'>{header}</div>"
-            + "".join(action_row(r, seed_names) for r in rows))
+            + "".join(action_row(r, codes) for r in rows))
     path = os.path.join(run_dir, "report.html")
     write_atomic(path, page(f"W4S: {report.get('task')}", body))
     return path

@@ -2,7 +2,10 @@
 
 Paper: "Weak-for-Strong: Training Weak Meta-Agent to Harness Strong Executors" (arXiv 2504.04785), section RLAO.
 How this file maps onto it, top to bottom:
-  logged turns {(s_t, a_t, r_t)} from w4s.py        -> load_examples(): one example per evaluated meta-agent action;
+  logged turns {(s_t, a_t, r_t)} from w4s.py        -> load_examples(): one example per evaluated meta-agent action
+                                                      (as the official pipeline: copies, unextractable and broken
+                                                      replies are left out, since rwr cannot push a probability
+                                                      down; --objective pg --invalid-reward -0.5 trains on them too);
                                                       its group = the m samples of the same turn, key (run, iteration)
   reward-weighted regression, max sum w log pi(a|s), -> --objective rwr: rwr_weights() + rlao_loss(), NLL of the
   w = exp(r/tau), tau = 0.4                            action tokens only, w normalised over the training set
@@ -42,6 +45,8 @@ def get_args(argv=None):
     a("--tau", type=float, default=0.4, help="rwr temperature: w = exp(r / tau)")
     a("--pg-std", action="store_true", help="pg: divide advantages by the group's reward std")
     a("--kl", type=float, default=0.0, help="pg/rwr: weight of the KL penalty to the initial policy (0 = off)")
+    a("--invalid-reward", type=float, default=None, help="pg only: train on actions that never reached evaluation "
+      "(near-copies, no workflow, broken) with this reward, e.g. -0.5; default: leave them out")
     a("--keep", choices=["all", "positive", "best"], default="all",
       help="which actions to train on: all, reward > 0, or the best of each turn")
     a("--val-frac", type=float, default=0.1, help="fraction of runs held out for the validation loss")
@@ -73,8 +78,9 @@ def die(msg):
     raise SystemExit(f"rlao: error: {msg}")
 
 # ----------------------------------------------------------------------------------------------------------- data
-def load_examples(paths):
-    """One example per logged action: state messages -> action text, reward, group = (run, iteration)."""
+def load_examples(paths, invalid_reward=None):
+    """One example per evaluated action: state messages -> action text, reward, group = (run, iteration). An action
+    that never reached evaluation is left out, or kept with `invalid_reward` when one is given."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -97,8 +103,12 @@ def load_examples(paths):
                 die(f"{f}:{n}: not a JSON line ({e.msg})")
             if not isinstance(rec.get("reward"), (int, float)) or not rec.get("action") or not rec.get("messages"):
                 continue  # nothing to learn from (no reward, or the meta-agent produced no reply)
+            evaluated = rec.get("val_accuracy") is not None
+            if not evaluated and invalid_reward is None:
+                continue
             run = str(rec.get("run", f))
-            examples.append(dict(messages=rec["messages"], action=rec["action"], reward=float(rec["reward"]),
+            reward = float(rec["reward"]) if evaluated else invalid_reward
+            examples.append(dict(messages=rec["messages"], action=rec["action"], reward=reward,
                                  run=run, group=(run, rec.get("iteration", f"line{n}"))))
     return examples
 
@@ -319,7 +329,9 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
     # 1. data: logged actions -> (state, action, reward, advantage), filtered, split by run
     if not args.data:
         die("no --data given (w4s run dirs or trajectory.jsonl files)")
-    examples = load_examples(args.data)
+    if args.invalid_reward is not None and args.objective != "pg":
+        die("--invalid-reward needs --objective pg (rwr weights are positive: it cannot push a probability down)")
+    examples = load_examples(args.data, args.invalid_reward)
     group_advantages(examples, args.pg_std)
     kept = keep_examples(examples, args.keep)
     if not kept:
@@ -484,7 +496,7 @@ def run_rounds(args, rank, world, device):
                 die(f"w4s collection for round {k} failed (exit code {rc})")
         if world > 1:
             dist.barrier()
-        rewards = [e["reward"] for e in load_examples([coll])]
+        rewards = [e["reward"] for e in load_examples([coll], invalid_reward=0.0)]  # every action, as logged
         history.append(dict(round=k, policy=policy, actions=len(rewards),
                             mean_reward=sum(rewards) / max(1, len(rewards))))
         if rank == 0:

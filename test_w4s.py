@@ -65,17 +65,20 @@ class StubOpenAI(http.server.ThreadingHTTPServer):
     turn, or a function of the request body (deterministic under concurrency). `api_key`: other keys get 401.
     `requests` holds every POST body, `answered` those whose whole reply was sent. `halt_after=N`: once N replies
     were sent, hold every further request unanswered and call `on_halt()` once in a thread (tests kill the client
-    there, so "answered before the kill" is exact); `release()` lets the held handlers go."""
+    there, so "answered before the kill" is exact); `release()` lets the held handlers go. `context=N`: refuse, as
+    llama.cpp does (HTTP 400, its error body with n_ctx), a request whose prompt (~4 characters a token) plus
+    max_tokens exceeds N tokens; `refused` counts those."""
     daemon_threads = True
 
     def __init__(self, meta_replies=META_REPLIES, delay=0.0, faults=(), api_key=None, halt_after=None, on_halt=None,
-                 fault_sleep=2.0):
+                 fault_sleep=2.0, context=None):
         super().__init__(("127.0.0.1", 0), StubHandler)
         self.meta_replies = meta_replies if callable(meta_replies) else list(meta_replies)
         self.delay, self.faults, self.api_key, self.fault_sleep = delay, list(faults), api_key, fault_sleep
         self.log, self.lock, self.meta_count = [], threading.Lock(), 0
         self.requests, self.answered, self.halt_after, self.on_halt = [], [], halt_after, on_halt
         self.halted, self.released = False, threading.Event()
+        self.context, self.refused = context, 0
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -138,6 +141,13 @@ class StubHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         time.sleep(self.server.delay)
+        prompt_tokens = sum(len(m["content"] or "") for m in body["messages"]) // 4
+        if self.server.context and prompt_tokens + (body.get("max_tokens") or 0) > self.server.context:
+            with self.server.lock:
+                self.server.refused += 1
+            return self.send_json(400, {"error": {
+                "code": 400, "message": "the request exceeds the available context size, try increasing it",
+                "type": "exceed_context_size_error", "n_prompt_tokens": prompt_tokens, "n_ctx": self.server.context}})
         if fault == "429":
             return self.send_json(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.2"})
         if fault == "429-no-retry-after":
@@ -305,16 +315,25 @@ def test_report_splits_the_wall_time_by_phase(server, sums_task, tmp_path):
     assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= inv["wall_seconds"] + 0.5
 
 
-def test_every_action_is_logged_with_its_reward(server, sums_task, tmp_path):
+def test_every_sample_drawn_is_logged_with_its_status_and_reward(server, sums_task, tmp_path):
     stub_run(server, sums_task, tmp_path / "run")
     rows = read_trajectory(tmp_path / "run")
-    assert [(r["iteration"], r["sample"]) for r in rows] == [(i, j) for i in (1, 2) for j in range(3)]
+    for it in (1, 2):
+        samples = [r["sample"] for r in rows if r["iteration"] == it]
+        assert samples == list(range(len(samples))) and 3 <= len(samples) <= 9  # m = 3, at most 3m drawn
+    statuses = {"unextractable", "near-copy", "broken", "error", "discarded", "ok"}
+    assert all(r["status"] in statuses and isinstance(r["reward"], float) for r in rows)
+    assert all(r["reward"] == 0 for r in rows if r["val_accuracy"] is None)
 
 
-def test_near_copies_are_rejected_before_any_executor_call(server, sums_task, tmp_path):
-    stub_run(server, sums_task, tmp_path / "run")
-    rejected = [r for r in read_trajectory(tmp_path / "run") if r["status"] == "rejected"]
-    assert rejected and all(r["reward"] == 0 and "near-copy" in r["reason"] for r in rejected)
+def test_near_copies_are_rejected_before_any_executor_call(sums_task, tmp_path):
+    copy = GOOD_WORKFLOW.replace("Work carefully.", "Work carefully!")  # a 1-character edit of turn 1's workflow
+    srv = StubOpenAI(meta_replies=lambda body: block(copy if len(body["messages"]) > 2 else GOOD_WORKFLOW))
+    stub_run(srv, sums_task, tmp_path / "run", "--samples", "1")
+    srv.shutdown()
+    rejected = [r for r in read_trajectory(tmp_path / "run") if r["iteration"] == 2]
+    assert rejected and all(r["status"] == "near-copy" and "iteration1" in r["reason"] for r in rejected)
+    assert not any("carefully!" in json.dumps(b) for b in srv.log if not is_meta(b))
 
 
 def test_best_of_m_continues(server, sums_task, tmp_path):
@@ -350,12 +369,108 @@ def test_sampled_calls_are_distinct_cache_entries(server, tmp_path):
 
 
 def test_self_debug_sends_the_workflows_own_line_numbers(sums_task, tmp_path):
-    broken = "```python\ndef solver(agent, task):\n    x = 1\n    return x / 0\n```\n"
-    s = StubOpenAI(meta_replies=[broken, "```python\n" + GOOD_WORKFLOW + "```\n"])
+    s = StubOpenAI(meta_replies=scripted_meta)  # BROKEN_WORKFLOW fails at its line 3 on the real executor reply
     stub_run(s, sums_task, tmp_path / "run", "--iterations", "1", "--samples", "1")
-    fix_request = [b for b in s.log if b["messages"][0]["content"] == w4s.META_SYSTEM][1]
+    fix_request = [b for b in s.log if is_meta(b) and "Your workflow failed" in b["messages"][-1]["content"]][0]
     s.shutdown()
     assert 'File "workflow.py", line 3' in fix_request["messages"][-1]["content"]
+
+
+def test_a_repaired_candidate_logs_the_reply_that_produced_its_code(sums_task, tmp_path):
+    s = StubOpenAI(meta_replies=scripted_meta)
+    stub_run(s, sums_task, tmp_path / "run", "--iterations", "1", "--samples", "1")
+    s.shutdown()
+    row = read_trajectory(tmp_path / "run")[0]
+    assert row["status"] == "ok" and row["debug"] and row["code"].strip() in row["action"]
+    assert BROKEN_WORKFLOW.strip() in row["first_action"]  # the original stays, for the report
+    assert row["messages"][-1]["content"].startswith("Your workflow failed")  # the repair's own conversation
+
+
+def test_a_dry_run_failure_is_redrawn_without_any_executor_call(sums_task, tmp_path):
+    crash = "def solver(agent, task):\n    return agent.call_llm(task + ' never sent') / 0\n"
+    drawn = iter([crash, crash] + [GOOD_WORKFLOW] * 10)
+    srv = StubOpenAI(meta_replies=lambda body: block(next(drawn)))
+    stub_run(srv, sums_task, tmp_path / "run", "--iterations", "1", "--samples", "1")
+    srv.shutdown()
+    assert [r["status"] for r in read_trajectory(tmp_path / "run")] == ["broken", "broken", "ok"]
+    assert not any("never sent" in json.dumps(b) for b in srv.log if not is_meta(b))
+
+
+def test_resampling_reaches_m_evaluated_candidates_when_every_other_sample_is_a_copy(sums_task, tmp_path):
+    counter = iter(range(1000))
+
+    def meta(body):  # even draws copy the cot seed; odd draws are new workflows, each unlike the others
+        k = next(counter)
+        words = random.Random(k).randbytes(60).hex()
+        return block(w4s.SEED_WORKFLOWS["cot"] if k % 2 == 0 else
+                     GOOD_WORKFLOW.replace("Work carefully.", f"Work carefully. {words}"))
+    srv = StubOpenAI(meta_replies=meta)
+    stub_run(srv, sums_task, tmp_path / "run", "--samples", "3")
+    srv.shutdown()
+    rows = read_trajectory(tmp_path / "run")
+    for it in (1, 2):
+        turn = [r for r in rows if r["iteration"] == it]
+        assert sum(r["val_accuracy"] is not None for r in turn) == 3 and len(turn) <= 9
+        assert any(r["status"] == "near-copy" for r in turn)
+
+
+def test_meta_prompt_shows_the_extracted_answer_after_long_reasoning(sums_task, tmp_path):
+    rambling = "def solver(agent, task):\n    return 'Let me think. ' * 300 + agent.call_llm(task)\n"
+    srv = StubOpenAI(meta_replies=lambda body: block(rambling))
+    stub_run(srv, sums_task, tmp_path / "run", "--iterations", "2", "--samples", "1", "--context-window", "2")
+    srv.shutdown()
+    row = read_trajectory(tmp_path / "run")[0]
+    wrong = [c for c in row["cases"] if not c["correct"]][0]
+    turn2 = [b for b in srv.log if is_meta(b) and len(b["messages"]) == 4][0]["messages"][-1]["content"]
+    assert wrong["got"].startswith("Let me think.") and f'answer compared: "{wrong["extracted"]}"' in turn2
+    assert "The sum is \\boxed{" in turn2 and f"correct answer: {wrong['expected']}" in turn2
+
+
+def test_second_turn_of_an_episode_carries_the_first_action_and_its_feedback(sums_task, tmp_path):
+    srv = StubOpenAI(meta_replies=scripted_meta)
+    stub_run(srv, sums_task, tmp_path / "run", "--iterations", "3", "--samples", "1", "--context-window", "2")
+    srv.shutdown()
+    rows = read_trajectory(tmp_path / "run")
+    first, second, third = (next(r for r in rows if r["iteration"] == i) for i in (1, 2, 3))
+    assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "user"]
+    assert second["messages"][2]["content"] == first["action"]  # the repaired reply that was evaluated
+    assert "validation accuracy" in second["messages"][3]["content"] and second["parent"] == "iteration1"
+    assert "## iteration" in third["messages"][1]["content"] and "validation accuracy" not in (
+        third["messages"][2:3] or [{"content": ""}])[0]["content"]  # reset: a new conversation from the archive
+
+
+def test_only_the_best_seed_and_the_best_workflow_meet_the_test_split(server, sums_task, tmp_path):
+    stub_run(server, sums_task, tmp_path / "run")
+    report = json.load(open(tmp_path / "run" / "report.json"))
+    assert sum(s["test"] is not None for s in report["seeds"].values()) == 1 and report["best"]["test"]
+
+
+def test_a_server_with_a_2048_token_context_still_gets_a_run_that_finishes(sums_task, tmp_path):
+    srv = StubOpenAI(meta_replies=scripted_meta, context=2048)
+    rc = stub_run(srv, sums_task, tmp_path / "run", "--max-tokens", "256")
+    srv.shutdown()
+    answered = [b for b in srv.answered if is_meta(b)]
+    assert rc == 0 and srv.refused >= 1 and answered  # refused once for its length, then shrunk to fit
+    assert all(sum(len(m["content"]) for m in b["messages"]) // 4 + b["max_tokens"] <= 2048 for b in answered)
+    assert json.load(open(tmp_path / "run" / "report.json"))["status"] == "finished"
+
+
+def test_a_context_too_small_for_any_state_is_one_clear_line(sums_task, tmp_path):
+    srv = StubOpenAI(meta_replies=scripted_meta)
+    proc = run_cli("--task", sums_task, "--scorer", "numeric", "--meta-agent", srv.url + ":meta", "--executor",
+                   srv.url + ":exec", "--iterations", "1", "--samples", "1", "--meta-context", "600",
+                   "--out", str(tmp_path / "run"))
+    srv.shutdown()
+    assert_one_line_error(proc, "--meta-context")
+
+
+def test_continuous_reward_is_defined_when_the_best_is_zero():
+    assert w4s.reward(0.4, 0.0, 0.0, "continuous") == 1.0 and w4s.reward(0.0, 0.0, 0.0, "continuous") == 0.0
+
+
+def test_clip_middle_keeps_the_end_of_a_long_question():
+    passage = "The game was close. " * 60 + "How many points did the Bears score?"
+    assert w4s.clip_middle(passage, 300).endswith("How many points did the Bears score?")
 
 
 def run_cli(*args, env=None):
@@ -1126,28 +1241,22 @@ TINY_PNG = bytes.fromhex("89504e470d0a1a0a0000000d494844520000000100000001080600
                          "b40000000049454e44ae426082")
 
 
-def state(archive):
-    """The archive part of w4s.build_state's prompt (the headings report.refined_workflow reads)."""
-    parts = [f"## {name}: validation accuracy {acc:.2f}\n```python\n{code.strip()}\n```\n- question: q" for
-             name, code, acc in archive]
-    return [{"role": "system", "content": "sys"}, {"role": "user", "content": "# Task\nt\n\n" + "\n\n".join(parts)}]
-
-
 def make_run(path, iterations=3, samples=2, text="plain", curve=TINY_PNG):
     """A run dir: seeds cot (0.40) and pot (0.50); sample 0 of each iteration improves and is chosen."""
     os.makedirs(path, exist_ok=True)
     archive = [("cot", SEEDS["cot"], 0.4), ("pot", SEEDS["pot"], 0.5)]
     rows, history, best = [], [], 0.5
     for it in range(1, iterations + 1):
-        messages, accs = state(archive), []
+        messages, accs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "state"}], []
         for j in range(samples):
             acc = round(min(1.0, 0.5 + 0.01 * it) if j == 0 else 0.3, 3)
             code = f"def solver(agent, task):\n    print({text!r})\n    return agent.call_llm(task + ' v{it}.{j}')\n"
             rows.append(dict(run="r", task="math", episode=0, turn=it, iteration=it, sample=j, messages=messages,
+                             parent="pot" if it == 1 else f"iteration{it - 1}", first_action=f"First {it}.{j}",
                              action=f"Analysis {it}.{j}: {text}\n```python\n{code}```", code=code, status="ok",
                              reason=text if j else "", val_accuracy=acc, reward=1.0 if j == 0 else 0.0,
-                             chosen=j == 0, failures=[dict(question=text, got=text, expected=text, correct=False,
-                                                           error=text)],
+                             chosen=j == 0, cases=[dict(question=text, got=text, extracted=text, expected=text,
+                                                        correct=False, error=text)],
                              debug=[dict(code=code, error=f"NameError: {text}")] if j == 1 else []))
             accs.append(acc)
         archive.append((f"iteration{it}", rows[-samples]["code"], accs[0]))
@@ -1158,7 +1267,7 @@ def make_run(path, iterations=3, samples=2, text="plain", curve=TINY_PNG):
                usage={"executor": dict(calls=9, cached=0, prompt=1000, completion=500, usd=0.01),
                       "meta_agent": dict(calls=3, cached=0, prompt=300, completion=100, usd=0.002), "total_usd": 0.012},
                wall_seconds=61.0,
-               seeds={n: dict(val=a, val_ci=[a - 0.1, a + 0.1], test=test) for n, _, a in archive[:2]},
+               seeds={n: dict(val=a, val_ci=[a - 0.1, a + 0.1], code=c, test=test) for n, c, a in archive[:2]},
                best=dict(name=f"iteration{iterations}", val=best, val_ci=[best - 0.1, best + 0.1], test=test),
                history=history, splits={}, config={}, finished_at="2026-01-01T00:00:00")
     with open(os.path.join(path, "report.json"), "w") as f:
@@ -1215,7 +1324,7 @@ def test_one_row_per_action_with_diff_against_refined_workflow(tmp_path):
     assert page.index("Analysis 1.0") < page.index("Analysis 1.1") < page.index("Analysis 2.0")
     assert page.count("diff against pot") == 2  # iteration 1 refines the best seed
     assert page.count("diff against iteration1") == 2 and page.count("diff against iteration2") == 2
-    assert "self-debug round 1" in page
+    assert "self-debug round 1" in page and "First 1.1" in page  # the reply before self-debug is shown too
 
 
 def test_comparison_lists_every_run(tmp_path):
@@ -1298,8 +1407,8 @@ CHECKED_WORKFLOW = '''def solver(agent, task):
 '''
 BROKEN_WORKFLOW = '''def solver(agent, task):
     reply = agent.call_llm(task)
-    return reply / 0
-'''
+    return {"answer": reply}[reply.split()[1]]
+'''  # passes the dry run (canned "The answer is ..."), fails the self-check on the executor's real reply
 
 
 def scripted_meta(body):
@@ -1308,7 +1417,7 @@ def scripted_meta(body):
     last = body["messages"][-1]["content"]
     if "Your workflow failed" in last:
         return "Fixed.\n```python\n" + GOOD_WORKFLOW + "```\n"
-    if "## iteration1" in last:
+    if any(m["role"] == "assistant" for m in body["messages"]):  # a later turn of the episode
         return "Add a review.\n```python\n" + CHECKED_WORKFLOW + "```\n"
     return "Try this.\n```python\n" + BROKEN_WORKFLOW + "```\n"
 
@@ -1555,7 +1664,7 @@ def test_a_call_that_finally_fails_is_that_samples_failure_with_its_reason(sums_
     srv.shutdown()
     report = json.load(open(tmp_path / "run" / "report.json"))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "trajectory.jsonl")]
-    failed = [f for r in rows for f in r["failures"] if f["question"] == victim]
+    failed = [f for r in rows for f in r["cases"] if f["question"] == victim]
     assert report["status"] == "finished" and failed
     assert all("gave up after 2 attempts" in f["error"] for f in failed)
     asked = [b for b in srv.requests if b["messages"][-1]["content"] == victim + " Work carefully."]
@@ -1569,7 +1678,7 @@ PER_CALL_USD = (10 * 0.15 + 5 * 0.60) / 1e6  # the stub's usage (10 prompt + 5 c
 
 
 def test_budget_usd_stops_cleanly_and_says_exactly_what_was_spent(server, sums_task, tmp_path):
-    budget, concurrency = 40 * PER_CALL_USD, 4
+    budget, concurrency = 24 * PER_CALL_USD, 4  # the seeds make ~21 calls, the rest of the run many more
     rc = w4s.main(["--task", sums_task, "--scorer", "numeric", "--description", "Add two numbers.",
                    "--meta-agent", server.url + ":meta", "--executor", server.url + ":gpt-4o-mini",
                    "--iterations", "5", "--samples", "3", "--val-size", "4", "--test-size", "4", "--concurrency",
@@ -1627,28 +1736,32 @@ HOSTILE = {  # action -> what the feedback to the meta-agent must say
 
 
 def test_hostile_meta_agent_output_fails_one_action_each_and_the_run_goes_on(sums_task, tmp_path):
-    queue, feedback = list(HOSTILE), []
+    queue, lock, feedback = list(HOSTILE), threading.Lock(), []
 
     def meta(body):
         last = body["messages"][-1]["content"]
-        if "Your workflow failed" in last:
-            feedback.append(last)
-            return "Sorry, I have no fix."
-        return queue.pop(0)
+        with lock:
+            if "Your workflow failed" in last:
+                feedback.append(last)
+                return "Sorry, I have no fix."
+            return queue.pop(0) if queue else "I am out of ideas."  # resampled draws after the hostile ones
     srv = StubOpenAI(meta_replies=meta)
     t = time.time()
     assert stub_run(srv, sums_task, tmp_path / "run", "--iterations", "1", "--samples", str(len(HOSTILE)),
                     "--timeout", "3") == 0
     srv.shutdown()
     rows = [json.loads(line) for line in open(tmp_path / "run" / "trajectory.jsonl")]
-    assert sorted(r["action"] for r in rows) == sorted(HOSTILE) and time.time() - t < 60
+    hostile = [r for r in rows if r["action"] in HOSTILE or r["first_action"] in HOSTILE]
+    assert sorted(r["first_action"] for r in hostile) == sorted(HOSTILE) and time.time() - t < 60
     for r in rows:
         first_error = r["debug"][0]["error"] if r["debug"] else r["reason"]
-        assert r["status"] in ("error", "discarded") and r["reward"] <= 0, r
-        assert HOSTILE[r["action"]] in first_error, (r["action"], first_error)
+        assert r["status"] in ("unextractable", "broken", "error", "discarded") and r["reward"] <= 0, r
+        if r in hostile:
+            assert HOSTILE[r["first_action"]] in first_error, (r["first_action"], first_error)
         assert len(json.dumps(r)) < 100_000  # the 100 MB print never reaches the trajectory
-    for needle in [n for a, n in HOSTILE.items() if "```" in a and "accuracy" not in n]:
-        assert any(needle in f for f in feedback), needle  # the meta-agent was told what went wrong
+    for r in hostile:
+        if r["status"] == "error":  # it reached the self-check: the meta-agent was told what went wrong
+            assert any(HOSTILE[r["first_action"]] in f for f in feedback), r["first_action"]
     assert json.load(open(tmp_path / "run" / "report.json"))["status"] == "finished"
 
 
@@ -1824,6 +1937,31 @@ def test_rwr_weights_and_pg_advantages():
     rlao.group_advantages(exs, use_std=True)
     std = torch.tensor([1.0, 0.5, 0.0, -0.1]).std(unbiased=False).item()
     assert abs(exs[0]["advantage"] - 0.65 / std) < 1e-4 and exs[4]["advantage"] == 0.0
+
+
+def mixed_trajectory(tmp_path):
+    """One turn: a working workflow below 0.3 (reward -0.1), a near-copy and a broken reply (reward 0, never
+    evaluated)."""
+    rows = [dict(status="ok", val_accuracy=0.2, reward=-0.1, action=HIGH), dict(status="near-copy", val_accuracy=None,
+            reward=0.0, action=LOW), dict(status="error", val_accuracy=None, reward=0.0, action=LOW + " again")]
+    path = tmp_path / "trajectory.jsonl"
+    path.write_text("".join(json.dumps(dict(r, run="r", iteration=1, sample=i, messages=[
+        {"role": "user", "content": "state"}])) + "\n" for i, r in enumerate(rows)))
+    return str(path)
+
+
+def test_rwr_trains_on_evaluated_actions_only(tmp_path):
+    assert [e["action"] for e in rlao.load_examples([mixed_trajectory(tmp_path)])] == [HIGH]
+
+
+def test_pg_can_give_unevaluated_actions_a_negative_reward(tmp_path):
+    exs = rlao.load_examples([mixed_trajectory(tmp_path)], invalid_reward=-0.5)
+    assert [e["reward"] for e in exs] == [-0.1, -0.5, -0.5]
+
+
+def test_invalid_reward_with_rwr_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="needs --objective pg"):
+        rlao.main(["--data", mixed_trajectory(tmp_path), "--invalid-reward", "-0.5", "--out", str(tmp_path / "o")])
 
 
 def test_keep_and_split_by_run(tmp_path):

@@ -64,15 +64,18 @@ def parse_args(argv=None):
     p.add_argument("--executor", default=None, help="model spec of the strong executor (default: gpt-4o-mini when "
                    "OPENAI_API_KEY is set, else embedded:qwen2.5-coder-1.5b)")
     p.add_argument("--iterations", type=int, default=None, help="meta-agent turns after the seeds (default 30 with an "
-                   "API executor, 2 with embedded models)")
-    p.add_argument("--samples", type=int, default=None, help="m: meta-agent samples per turn; the best one continues "
-                   "(default 5 with an API executor, 3 with embedded models)")
-    p.add_argument("--context-window", type=int, default=2, help="turns per episode before the state is reset to the "
-                   "seeds plus the best workflow so far")
+                   "API executor, 3 with embedded models)")
+    p.add_argument("--samples", type=int, default=None, help="m: meta-agent candidates evaluated per turn (samples that "
+                   "fail the free pre-screen are redrawn, up to 3m); the best one continues (default 5 with an API "
+                   "executor, 2 with embedded models)")
+    p.add_argument("--context-window", type=int, default=2, help="turns per episode: then the conversation restarts "
+                   "from the seeds plus the latest generated workflow (as the official code does)")
     p.add_argument("--val-size", type=int, default=None, help="validation examples the meta-agent is scored on "
-                   "(default 50 with an API executor, 4 with embedded models)")
+                   "(default 50 with an API executor, 8 with embedded models)")
     p.add_argument("--test-size", type=int, default=None, help="held-out test examples scored once at the end; 0 skips "
-                   "test scoring (default 200 with an API executor, 6 with embedded models)")
+                   "test scoring (default 200 with an API executor, 8 with embedded models)")
+    p.add_argument("--test-all-seeds", action="store_true", help="score every seed on the test split, not only the "
+                   "best seed (on validation) beside the best workflow found")
     p.add_argument("--concurrency", type=int, default=16, help="max executor calls in flight across all workflows")
     p.add_argument("--timeout", type=float, default=None, help="wall-clock seconds per validation sample in the sandbox "
                    "(default 120 with an API executor, 1800 with embedded models)")
@@ -80,6 +83,9 @@ def parse_args(argv=None):
                    "API executor, 512 with embedded models, so that the offline demo ends in ~30 min on 2 CPU cores)")
     p.add_argument("--meta-max-tokens", type=int, default=1024, help="meta-agent reply budget (analysis + workflow; "
                    "the 0.5B meta-agent ran past 700 tokens in 5 of 8 replies)")
+    p.add_argument("--meta-context", type=int, default=32768, help="the meta-agent's context in tokens: the state is "
+                   "shortened to fit it with the reply (fewer cases, shorter texts, older turns dropped); a server "
+                   "that refuses a request for its length lowers it (llama.cpp and older Ollama default to 2048)")
     p.add_argument("--budget-usd", type=float, default=None, help="stop cleanly once this many dollars are spent")
     p.add_argument("--max-calls", type=int, default=None, help="stop cleanly after this many LLM calls in the run "
                    "(cached ones count too, so a resume cannot go past it)")
@@ -103,8 +109,8 @@ def apply_defaults(cfg):
     cfg.meta_agent = cfg.meta_agent or "embedded:qwen2.5-coder-0.5b"
     cfg.executor = cfg.executor or ("gpt-4o-mini" if has_key else "embedded:qwen2.5-coder-1.5b")
     local = is_local_spec(cfg.executor)
-    for name, api, offline in [("iterations", 30, 2), ("samples", 5, 3), ("val_size", 50, 4),
-                               ("test_size", 200, 6), ("timeout", 120.0, 1800.0), ("max_tokens", 2048, 512)]:
+    for name, api, offline in [("iterations", 30, 3), ("samples", 5, 2), ("val_size", 50, 8),
+                               ("test_size", 200, 8), ("timeout", 120.0, 1800.0), ("max_tokens", 2048, 512)]:
         if getattr(cfg, name) is None:
             setattr(cfg, name, offline if local else api)
     return cfg
@@ -371,6 +377,15 @@ def repeats_itself(tokens, min_span=96):
     return False
 
 
+class ContextExceeded(RuntimeError):
+    """A server refused a request for its length; `limit` is its context size in tokens when the error says it
+    (vLLM/OpenAI: "maximum context length is N", llama.cpp: "n_ctx": N)."""
+
+    def __init__(self, message, limit=None):
+        super().__init__(message)
+        self.limit = limit
+
+
 class BudgetExhausted(Exception):
     """Raised once --budget-usd or --max-calls is reached; the loop stops cleanly and saves everything."""
 
@@ -521,6 +536,9 @@ class LLM:
             except openai.AuthenticationError:
                 raise UserError(f"{self.spec}: the API key was rejected (check OPENAI_API_KEY)") from None
             except (openai.NotFoundError, openai.BadRequestError) as e:
+                if re.search(r"context|too long|too many tokens|maximum.{0,20}tokens", str(e), re.I):
+                    limit = re.search(r"(?:maximum context length is|n_ctx\W+)(\d+)", str(e))
+                    raise ContextExceeded(f"{self.spec}: {str(e)[:300]}", int(limit.group(1)) if limit else None)
                 raise RuntimeError(f"{self.spec}: request refused: {e}") from None
             except (openai.APIError, ValueError) as e:  # 429, 5xx, resets, timeouts, a cut or garbled JSON body
                 retry_after = getattr(getattr(e, "response", None), "headers", {}).get("retry-after")
@@ -714,36 +732,92 @@ def solver(agent, task):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. State s_t: the meta-agent prompt in the official five parts
+# 4. State s_t: a conversation, as in the official main.py. The first user message is the initial state in the
+#    official five parts (interface, guiding principles, task, archive, output format); each earlier turn of the
+#    episode then adds the chosen action (assistant) and the feedback on it (user).
 
 META_SYSTEM = "You are an expert at designing LLM workflows. You write concise, correct Python."
-PRINCIPLES = """- Use the executor LLM (agent.call_llm) for the reasoning; Python only orchestrates and checks.
-- Keep the workflow simple: a few calls that each have a clear job. Build on what scored well below.
-- Do not wrap code in try/except that hides errors; do not import anything outside the standard library.
-- Study the failure cases: change the workflow so that it would get them right.
-- Return the final answer in the format the task expects."""
+PRINCIPLES = """- The executor LLM (agent.call_llm) does the reasoning; Python only orchestrates, parses and checks.
+- Change one thing at a time and keep what scored well. A few calls with clear jobs beat a long pipeline.
+- Read the cases: "answer compared" is what the scorer saw. A wrong format, a cut-off reply and a wrong result
+  need different fixes.
+- Standard library only. Define every helper inside your block. No try/except that hides errors.
+- Return only the final answer, in the format the task asks for."""
+TECHNIQUES = """Techniques to combine (one or two lines each):
+- Chain of thought: agent.call_llm(task + "\\nThink step by step. End with \\\\boxed{ANSWER}.")
+- Self-consistency: replies = agent.call_llm(prompt, temperature=0.7, n=5), then a majority vote over the answers
+  extracted from the replies (collections.Counter).
+- Verify and refine: ask for a check ("Check this solution step by step: ..."); if it finds a mistake, ask for a
+  corrected solution that uses the check.
+- Decompose: first ask for a short plan or the sub-questions, then solve with the plan in the prompt.
+- Roles and debate: messages=[{"role": "system", "content": "You are a careful mathematician."}, {"role": "user",
+  "content": task}]; or two solvers and a judge call that picks one.
+- Program of thought: ask for Python that prints the answer, run it with agent.execute_code(code); if the result
+  starts with "Error", fall back to chain of thought.
+- Answer format: extract the final answer (the last \\boxed{...}, the last number) and return it alone.
+Worked example. Feedback: 3 of 5 failures stop mid-calculation and 2 have arithmetic slips. Analysis: the executor
+runs out of room and miscounts, so let code do the arithmetic and keep chain of thought as the fallback:
+def solver(agent, task):
+    reply = agent.call_llm("Write Python code that prints the answer to this problem:\\n" + task)
+    result = agent.execute_code(reply.split("```python")[-1].split("```")[0])
+    if result.startswith("Error") or not result.strip():
+        return agent.call_llm(task + "\\nThink step by step. End with \\\\boxed{ANSWER}.")
+    return result"""
+OUTPUT_FORMAT = ("First a short analysis (at most 5 sentences): what the failing cases have in common and what you "
+                 "will change. Then exactly one ```python block that defines `def solver(agent, task):` and returns "
+                 "the answer string. Nothing after the block.")
+NEXT_TURN = "Write an improved workflow: a short analysis, then one ```python block defining solver(agent, task)."
+
+# How much the state says, from most to least; fit_state() takes the first level that fits the meta-agent's
+# context. In this order: fewer cases and shorter texts, then fewer earlier turns, then (for a 2k-token context)
+# no technique catalogue and only the focus workflow's code. The rest of the initial state is always kept.
+DETAIL = [dict(cases=10, archive_cases=2, chars=400, turns=None, techniques=True, all_code=True),
+          dict(cases=5, archive_cases=1, chars=250, turns=None, techniques=True, all_code=True),
+          dict(cases=3, archive_cases=0, chars=150, turns=1, techniques=True, all_code=True),
+          dict(cases=2, archive_cases=0, chars=100, turns=0, techniques=False, all_code=False)]
 
 
-def build_state(task, archive, max_failures=3):
-    """The state s_t as chat messages. `archive` holds dicts with name, code, val_accuracy, failures (validation
-    split only: the test split never reaches this function)."""
-    parts = [f"# Interface the workflow may use\n{INTERFACE_DOC}",
-             f"# Guiding principles\n{PRINCIPLES}",
-             f"# Task\n{task.DESCRIPTION}",
-             "# Archive of earlier workflows (validation accuracy, a few failure cases)"]
-    for w in archive:
-        lines = [f"## {w['name']}: validation accuracy {w['val_accuracy']:.2f}", "```python", w["code"].strip(), "```"]
-        for f in w["failures"][:max_failures]:
-            lines.append(f"- question: {clip(f['question'], 300)}\n  workflow answer: {clip(str(f['got']), 200)}\n"
-                         f"  correct answer: {clip(str(f['expected']), 100)}" + (f"\n  error: {clip(f['error'], 200)}"
-                                                                               if f.get("error") else ""))
-        parts.append("\n".join(lines))
-    if archive and archive[-1].get("feedback"):
-        parts.append(f"# Feedback on the latest workflow\n{archive[-1]['feedback']}")
-    parts.append("# Output format\nFirst a short analysis (at most 5 sentences) of why the workflows fail and what "
-                 "to change. Then exactly one ```python block that defines `def solver(agent, task):` returning the "
-                 "answer string. Nothing after the block.")
-    return [{"role": "system", "content": META_SYSTEM}, {"role": "user", "content": "\n\n".join(parts)}]
+def build_state(task, episode, d=DETAIL[0]):
+    """s_t as chat messages. The archive holds validation results only: the test split never reaches this
+    function. The focus workflow (the one the episode refines first) shows d['cases'] cases, the others fewer."""
+    archive = ["# Archive of earlier workflows (validation accuracy, some validation cases)"]
+    for w in episode["archive"]:
+        focus = w["name"] == episode["focus"]
+        code = f"\n```python\n{w['code'].strip()}\n```" if focus or d["all_code"] else ""
+        cases = w["cases"][:d["cases"] if focus else d["archive_cases"]]
+        archive.append(f"## {w['name']}: validation accuracy {w['val_accuracy']:.2f}{code}"
+                       + "".join("\n" + case_text(c, d["chars"]) for c in cases))
+    principles = PRINCIPLES + ("\n" + TECHNIQUES if d["techniques"] else "")
+    initial = "\n\n".join([f"# Interface the workflow may use\n{INTERFACE_DOC}", f"# Guiding principles\n{principles}",
+                           f"# Task\n{task.DESCRIPTION}", *archive, f"# Output format\n{OUTPUT_FORMAT}"])
+    messages = [{"role": "system", "content": META_SYSTEM}, {"role": "user", "content": initial}]
+    turns = episode["turns"] if d["turns"] is None else episode["turns"][len(episode["turns"]) - d["turns"]:]
+    for t in turns:
+        messages += [{"role": "assistant", "content": t["action"]}, {"role": "user", "content": feedback(t, d)}]
+    return messages
+
+
+def feedback(turn, d):
+    """The observation after a turn: accuracy with its CI and trend, then the cases (failures first); for an action
+    that was not kept, why."""
+    if turn["acc"] is None:
+        return f"Your workflow was not evaluated: {clip(turn['reason'], 300)}\n\n{NEXT_TURN}"
+    lo, hi = turn["ci"]
+    cases = "\n".join(case_text(c, d["chars"]) for c in turn["cases"][:d["cases"]])
+    dropped = f" It was discarded ({turn['reason']})." if turn["reason"] else ""
+    return (f"The evaluation feedback on your workflow: validation accuracy {turn['acc']:.2f} (95% CI [{lo:.2f}, "
+            f"{hi:.2f}]). {trend(turn['acc'], turn['prev'])}{dropped}\n{cases}\n\n{NEXT_TURN}")
+
+
+def case_text(c, chars):
+    """One validation case: the question (its middle shortened, never its end), the answer the scorer compared,
+    the end of the raw output, the correct answer."""
+    head = f"- {'correct' if c['correct'] else 'WRONG'}. question: {clip_middle(c['question'], chars)}\n"
+    if c["error"]:
+        return head + f"  error: {clip_middle(c['error'], chars)}\n  correct answer: {clip(c['expected'], 100)}"
+    tail = c["got"] if len(c["got"]) <= chars // 2 else "..." + c["got"][-(chars // 2):]
+    return (head + f"  answer compared: \"{clip(c['extracted'], 100)}\"\n  end of output: \"{tail}\"\n"
+            f"  correct answer: {clip(c['expected'], 100)}")
 
 
 def clip(s, n):
@@ -751,8 +825,51 @@ def clip(s, n):
     return s if len(s) <= n else s[:n] + " ..."
 
 
+def clip_middle(s, n):
+    """Keep both ends: a question's end holds what is asked (DROP's question follows a long passage)."""
+    s = str(s)
+    return s if len(s) <= n else s[:n // 3] + " [...] " + s[-(n - n // 3):]
+
+
+def estimate_tokens(messages):
+    """A conservative count with no tokenizer at hand: code and English run ~3.5-4 characters a token."""
+    return sum(len(m["content"]) // 3 + 8 for m in messages)
+
+
+MIN_REPLY = 384  # tokens: a short analysis and a small workflow
+
+
+def fit_state(task, episode, cfg):
+    """(messages, reply budget) that fit the meta-agent's context, --meta-context or learned from a refusal. The
+    most detailed level that leaves room for the whole reply budget wins, else the first that leaves MIN_REPLY."""
+    levels = [(m, cfg.meta_context - estimate_tokens(m)) for m in (build_state(task, episode, d) for d in DETAIL)]
+    for need in (cfg.meta_max_tokens, MIN_REPLY):
+        for messages, room in levels:
+            if room >= need:
+                return messages, min(room, cfg.meta_max_tokens)
+    raise UserError(f"the meta-agent's context of {cfg.meta_context} tokens cannot hold even the shortest state "
+                    f"(~{cfg.meta_context - levels[-1][1]} tokens) plus a {MIN_REPLY}-token reply; give the "
+                    "server a larger context (llama.cpp: -c 8192, Ollama: num_ctx) and set --meta-context")
+
+
+def ask_meta(meta, task, episode, cfg, sample):
+    """One meta-agent sample on the fitted state. A server that refuses the request for its length teaches us its
+    context (from the error, else 3/4 of what we sent): shrink and retry once; a second refusal stops the run."""
+    for attempt in range(2):
+        messages, budget = fit_state(task, episode, cfg)
+        try:
+            return messages, meta.chat(messages, temperature=0.7, max_tokens=budget, sample=sample, stop=META_STOP)
+        except ContextExceeded as e:
+            sent = estimate_tokens(messages) + budget
+            with cfg.lock:
+                cfg.meta_context = min(cfg.meta_context, e.limit or sent * 3 // 4)
+            if attempt:
+                raise UserError(f"{meta.spec} refused the meta-agent's state twice for its length ({e}); set "
+                                "--meta-context to the server's context size, or give the server a larger one")
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# 5. Action a_t -> workflow code
+# 5. Action a_t -> workflow code, and the free pre-screen (no executor call)
 
 def extract_workflow(reply):
     """Return (code, error). We take the FIRST ```python block that defines solver(agent, task): the 0.5B
@@ -792,8 +909,38 @@ def near_copy(code, archive, threshold=0.95):
     return None
 
 
+def fake_agent_rpc(method, params):
+    """Canned replies for the free dry run: catches broken edits (undefined names, bad indexing) with no LLM call."""
+    if method == "execute_code":
+        return "42"
+    keys, n = (params or {}).get("json_keys"), int((params or {}).get("n") or 1)
+    one = {k: "42" for k in keys} if keys else "The answer is \\boxed{42}."
+    return one if n == 1 else [one] * n
+
+
+def prescreen(reply, archive, example, timeout):
+    """(code, status, reason): status None when the reply passes the free checks: it holds a workflow, the workflow
+    is not a near-copy of one in the archive, and a dry run against canned executor replies does not crash."""
+    code, error = extract_workflow(reply)
+    if code is None:
+        return None, "unextractable", error
+    copied = near_copy(code, archive)
+    if copied:
+        return code, "near-copy", f"near-copy of archive workflow {copied}"
+    with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
+        dry = box.run("__w4s_main__", example["question"], rpc=fake_agent_rpc, timeout=min(timeout, 10),
+                      max_calls=MAX_CALLS)
+    if not dry.ok:
+        return code, "broken", f"(dry run with canned executor replies) {clip(dry.error, 1500)}"
+    return code, None, ""
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Transition: check, repair, evaluate. Observation: accuracy with a CI, the trend, sampled failure cases.
+# 6. Transition: self-check and self-debug, evaluation. Observation: accuracy with a CI, the trend, the cases.
+
+MAX_CALLS = 50  # executor calls one sample of a workflow may make
+DEBUG_ROUNDS = 3  # self-debug repairs per candidate (paper)
+
 
 @dataclasses.dataclass
 class Evaluation:
@@ -801,36 +948,49 @@ class Evaluation:
     ci: tuple
     n: int
     failed: int  # samples that raised or timed out
-    cases: list  # per sample: id, question, got, expected, score, error
+    cases: list  # per sample: id, question, got, extracted, expected, score, error
 
 
 def run_sample(box, example, executor, cfg):
     """One validation/test sample of one workflow, in the sandbox. The gold answer never enters the child."""
     out = box.run("__w4s_main__", example["question"], rpc=agent_rpc(executor, cfg.max_tokens),
-                  timeout=cfg.timeout, max_calls=cfg.max_calls_per_sample)
+                  timeout=cfg.timeout, max_calls=MAX_CALLS)
     got = out.value.get("answer") if out.ok and isinstance(out.value, dict) else out.value
     if out.ok and not isinstance(got, (str, int, float)):
         out = dataclasses.replace(out, ok=False, error=f"solver returned {type(got).__name__}, expected a string")
     score = float(cfg.task.score(example, got)) if out.ok else 0.0
-    return dict(id=example["id"], question=example["question"], got=clip(got, 2000) if out.ok else None,
+    return dict(id=example["id"], question=example["question"], got=clip_middle(got, 2000) if out.ok else None,
+                extracted=clip(cfg.task.extract(example, got), 300) if out.ok else None,
                 expected=example["answer"], score=score, error=None if out.ok else clip(out.error, 1500))
 
 
-def evaluate(code, examples, executor, cfg, desc="eval"):
-    """Score a workflow on examples, `cfg.concurrency` samples at a time, each in its own sandboxed process."""
-    with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
-        futures = [cfg.pool.submit(run_sample, box, ex, executor, cfg) for ex in examples]
-        cases = [f.result() for f in progress(futures, desc)]
+def evaluate_all(codes, examples, executor, cfg, desc="eval"):
+    """{name: Evaluation} for several workflows at once: every sample of every workflow is in flight together (up
+    to --concurrency), each in its own sandboxed process, so a local executor's batch fills up."""
+    with contextlib.ExitStack() as stack:
+        boxes = {n: stack.enter_context(sandbox.Sandbox(c, prelude=AGENT_PRELUDE)) for n, c in codes.items()}
+        futures = {n: [cfg.pool.submit(run_sample, boxes[n], ex, executor, cfg) for ex in examples] for n in codes}
+        for _ in progress([f for fs in futures.values() for f in fs], desc):
+            pass
     if cfg.ledger.exhausted:
         raise BudgetExhausted("budget reached during evaluation")
-    scores = [c["score"] for c in cases]
-    return Evaluation(sum(scores) / max(len(scores), 1), bootstrap_ci(scores, cfg.seed), len(cases),
-                      sum(c["error"] is not None for c in cases), cases)
+    out = {}
+    for name, fs in futures.items():
+        cases = [f.result() for f in fs]
+        scores = [c["score"] for c in cases]
+        out[name] = Evaluation(sum(scores) / max(len(scores), 1), bootstrap_ci(scores, cfg.seed), len(cases),
+                               sum(c["error"] is not None for c in cases), cases)
+    return out
+
+
+def evaluate(code, examples, executor, cfg, desc="eval"):
+    return evaluate_all({"workflow": code}, examples, executor, cfg, desc)["workflow"]
 
 
 def progress(futures, desc):
     from tqdm import tqdm
-    return (f for f in tqdm(futures, desc=f"  {desc}", leave=False, dynamic_ncols=True, file=sys.stderr))
+    return tqdm(cf.as_completed(futures), total=len(futures), desc=f"  {desc}", leave=False, dynamic_ncols=True,
+                file=sys.stderr)
 
 
 def bootstrap_ci(scores, seed, rounds=1000):
@@ -842,63 +1002,53 @@ def bootstrap_ci(scores, seed, rounds=1000):
     return (round(means[int(0.025 * rounds)], 4), round(means[int(0.975 * rounds) - 1], 4))
 
 
-def failure_cases(ev, seed, k=10):
+def feedback_cases(ev, seed, k=10):
     """Up to k validation cases for the meta-agent, failures first (they carry the signal)."""
     rng = random.Random(seed)
     bad = [c for c in ev.cases if c["score"] < 1]
     good = [c for c in ev.cases if c["score"] >= 1]
     rng.shuffle(bad)
     rng.shuffle(good)
-    return [dict(question=c["question"], got=c["got"], expected=c["expected"], correct=c["score"] >= 1,
-                 error=c["error"]) for c in (bad + good)[:k]]
+    return [dict(question=c["question"], got=c["got"] or "", extracted=c["extracted"] or "", expected=c["expected"],
+                 correct=c["score"] >= 1, error=c["error"]) for c in (bad + good)[:k]]
 
 
-def fake_agent_rpc(method, params):
-    """Canned replies for the free dry run: catches broken edits (undefined names, bad indexing) with no LLM call."""
-    if method == "execute_code":
-        return "42"
-    keys, n = (params or {}).get("json_keys"), int((params or {}).get("n") or 1)
-    one = {k: "42" for k in keys} if keys else "The answer is \\boxed{42}."
-    return one if n == 1 else [one] * n
+def self_check_and_debug(cand, archive, meta, executor, cfg):
+    """The paper's self-check on one validation sample; on an error, self-debug: show the meta-agent the traceback
+    (the workflow's own line numbers) and let it repair, at most DEBUG_ROUNDS times. A repair passes the same free
+    pre-screen. On success the candidate's action and messages become the repair that produced the code."""
+    for attempt in range(DEBUG_ROUNDS + 1):
+        with sandbox.Sandbox(cand["code"], prelude=AGENT_PRELUDE) as box:
+            error = run_sample(box, cfg.val[0], executor, cfg)["error"]
+        if error is None:
+            return None
+        cand["debug"].append(dict(code=cand["code"], error=error))
+        if attempt == DEBUG_ROUNDS:
+            return error
+        fix = cand["messages"] + [{"role": "assistant", "content": cand["action"]},
+                                  {"role": "user", "content": f"Your workflow failed:\n{error}\n\nFix it. Reply with "
+                                   "the whole corrected workflow in one ```python block that defines solver(agent, "
+                                   "task)."}]
+        budget = cfg.meta_context - estimate_tokens(fix)
+        if budget < MIN_REPLY:
+            return error + "\n(no room left in the meta-agent's context for a repair)"
+        reply = meta.chat(fix, temperature=0.7, max_tokens=min(budget, cfg.meta_max_tokens), sample=cand["sample"],
+                          stop=META_STOP)
+        code, status, reason = prescreen(reply, archive, cfg.val[0], cfg.timeout)
+        if status:
+            return f"the repair was {status}: {reason}"
+        cand.update(code=code, action=reply, messages=fix)
 
 
-def check_workflow(code, example, executor, cfg):
-    """Dry run against the fake agent, then a real self-check on one validation sample. Returns an error or None."""
-    with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
-        dry = box.run("__w4s_main__", example["question"], rpc=fake_agent_rpc, timeout=10,
-                      max_calls=cfg.max_calls_per_sample)
-        if not dry.ok:
-            return f"(dry run with canned executor replies) {dry.error}"
-        real = run_sample(box, example, executor, cfg)
-    return real["error"]
-
-
-def transition(reply, messages, archive, meta, executor, cfg, turn_seed):
-    """From an action to an evaluated candidate: extract, reject copies, check and self-debug, evaluate."""
-    code, error = extract_workflow(reply)
-    rounds = []
-    for attempt in range(cfg.debug_rounds + 1):
-        if code is not None:
-            copied = near_copy(code, archive)
-            if copied:
-                return dict(code=code, status="rejected", reason=f"near-copy of archive workflow {copied}",
-                            debug=rounds)
-            error = check_workflow(code, cfg.val[0], executor, cfg)
-        if error is None or attempt == cfg.debug_rounds:
-            break
-        rounds.append(dict(code=code, error=error))  # self-debug: show the workflow's own traceback, ask for a fix
-        fix_msgs = messages + [{"role": "assistant", "content": reply},
-                               {"role": "user", "content": f"Your workflow failed:\n{error}\n\nFix it. Reply with the "
-                                "whole corrected workflow in one ```python block that defines solver(agent, task)."}]
-        reply = meta.chat(fix_msgs, temperature=0.7, max_tokens=cfg.meta_max_tokens, sample=turn_seed, stop=META_STOP)
-        code, error = extract_workflow(reply)
+def transition(cand, archive, meta, executor, cfg):
+    """From a pre-screened action to an evaluated candidate: self-check and self-debug, then the validation split;
+    a candidate at accuracy <= 0.05 is discarded (paper)."""
+    error = self_check_and_debug(cand, archive, meta, executor, cfg)
     if error is not None:
-        return dict(code=code, status="error", reason=clip(error, 1500), debug=rounds)
-    ev = evaluate(code, cfg.val, executor, cfg, desc="candidate")
-    if ev.accuracy <= 0.05:
-        return dict(code=code, status="discarded", reason=f"validation accuracy {ev.accuracy:.2f} <= 0.05", ev=ev,
-                    debug=rounds)
-    return dict(code=code, status="ok", reason="", ev=ev, debug=rounds)
+        return dict(cand, status="error", reason=clip(error, 1500))
+    ev = evaluate(cand["code"], cfg.val, executor, cfg, desc=f"candidate {cand['sample']}")
+    status = "ok" if ev.accuracy > 0.05 else "discarded"
+    return dict(cand, status=status, ev=ev, reason="" if status == "ok" else f"validation accuracy {ev.accuracy:.2f}")
 
 
 META_STOP = ["\n```\n"]  # a small meta-agent rambles on after its block; stopping there saves most of a CPU turn
@@ -908,10 +1058,10 @@ META_STOP = ["\n```\n"]  # a small meta-agent rambles on after its block; stoppi
 # 7. Reward
 
 def reward(acc, best, prev, form="discrete"):
-    """Discrete (paper): 1 if acc beats the best so far, 0.5 if it beats the previous turn, else 0; -0.1 more when
-    acc < 0.3. Continuous: relative improvement over the best so far."""
+    """Discrete (paper): 1 if acc beats the episode's best, 0.5 if it beats the previous turn, else 0; -0.1 more
+    when acc < 0.3. Continuous: relative gain over the best, and 1 for any accuracy when the best is 0 (official)."""
     if form == "continuous":
-        return (acc - best) / max(best, 1e-6)
+        return (acc - best) / best if best > 0 else float(acc > 0)
     r = 1.0 if acc > best else 0.5 if acc > prev else 0.0
     return r - 0.1 if acc < 0.3 else r
 
@@ -925,11 +1075,10 @@ def trend(acc, prev):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8. The loop: seeds, then turns of m samples; best-of-m continues; episodes reset the archive.
+# 8. The loop: seeds, then turns of m evaluated candidates; best-of-m continues; episodes reset the conversation.
 
-def archive_entry(name, code, ev, seed, feedback=None):
-    return dict(name=name, code=code, val_accuracy=ev.accuracy, val_ci=ev.ci, failures=failure_cases(ev, seed),
-                feedback=feedback)
+def archive_entry(name, code, ev, seed):
+    return dict(name=name, code=code, val_accuracy=ev.accuracy, val_ci=ev.ci, cases=feedback_cases(ev, seed))
 
 
 @contextlib.contextmanager
@@ -940,73 +1089,109 @@ def phase(cfg, name):
     cfg.phases[name] = cfg.phases.get(name, 0.0) + time.time() - t - (LLM.load_seconds - load)
 
 
+def new_episode(seed_archive, latest):
+    """The official reset: the seeds plus the latest generated workflow; the reward's best is fixed at the best of
+    these for the whole episode, and the previous turn is the latest workflow (the first seed before any)."""
+    archive = seed_archive + ([latest] if latest else [])
+    focus = latest or max(seed_archive, key=lambda w: w["val_accuracy"])
+    return dict(archive=archive, known=list(archive), focus=focus["name"], turns=[], parent=focus,
+                best=max(w["val_accuracy"] for w in archive), prev=(latest or seed_archive[0])["val_accuracy"])
+
+
+def draw_candidates(meta, episode, cfg, it):
+    """Sample the meta-agent until m actions pass the free pre-screen or 3m were drawn (new sample indices each
+    time). A copy of a workflow the episode has seen, or of an earlier sample of this turn, does not count.
+    Returns every sample, each with its messages, action, code and pre-screen status (None: passed)."""
+    drawn, passed = [], 0
+    while passed < cfg.samples and len(drawn) < 3 * cfg.samples:
+        batch = range(len(drawn), min(len(drawn) + cfg.samples - passed, 3 * cfg.samples))
+        with phase(cfg, "meta_agent_generation"):
+            replies = list(cfg.meta_pool.map(lambda j: ask_meta(meta, cfg.task, episode, cfg, 100 * it + j), batch))
+        for j, (messages, reply) in zip(batch, replies):
+            known = episode["known"] + [dict(name=f"sample {c['sample']}", code=c["code"]) for c in drawn
+                                        if c["status"] is None]
+            code, status, reason = prescreen(reply, known, cfg.val[0], cfg.timeout)
+            drawn.append(dict(sample=j, messages=messages, action=reply, first_action=reply, code=code,
+                              status=status, reason=reason, debug=[]))
+            passed += status is None
+    return drawn
+
+
 def optimize(cfg, executor, meta, log):
     seeds = {name: SEED_WORKFLOWS[name] for name in cfg.task.SEEDS}
     seeds.update(getattr(cfg.task, "EXTRA_SEEDS", {}) or {})
-    archive = []
-    for name, code in seeds.items():
-        with phase(cfg, "seed_evaluation"):
-            ev = evaluate(code, cfg.val, executor, cfg, desc=f"seed {name}")
-        archive.append(archive_entry(name, code, ev, cfg.seed))
-        log(f"seed {name:12s} val {ev.accuracy:.2f} [{ev.ci[0]:.2f}, {ev.ci[1]:.2f}]  ({ev.failed} failed)")
-    seed_archive = list(archive)
-    best = max(archive, key=lambda w: w["val_accuracy"])
-    prev = archive[0]["val_accuracy"]
+    with phase(cfg, "seed_evaluation"):
+        evs = evaluate_all(seeds, cfg.val, executor, cfg, desc=f"{len(seeds)} seeds")
+    seed_archive = [archive_entry(name, code, evs[name], cfg.seed) for name, code in seeds.items()]
+    for w in seed_archive:
+        log(f"seed {w['name']:12s} val {w['val_accuracy']:.2f} [{w['val_ci'][0]:.2f}, {w['val_ci'][1]:.2f}]  "
+            f"({evs[w['name']].failed} failed)")
+    best = max(seed_archive, key=lambda w: w["val_accuracy"])
     cfg.result.update(seeds=seed_archive, best=best)
-    started = time.time()
+    started, latest = time.time(), None
     from tqdm import tqdm
     for it in tqdm(range(1, cfg.iterations + 1), desc="W4S iterations", file=sys.stderr, dynamic_ncols=True):
-        episode, turn = divmod(it - 1, cfg.context_window)
-        if turn == 0 and it > 1:  # episode reset: the seeds plus the best workflow so far
-            archive = seed_archive + ([best] if best not in seed_archive else [])
-        messages = build_state(cfg.task, archive)
-        samples = [100 * it + j for j in range(cfg.samples)]
-        with phase(cfg, "meta_agent_generation"):
-            replies = list(cfg.meta_pool.map(lambda s: meta.chat(messages, temperature=0.7, sample=s, stop=META_STOP,
-                                                                 max_tokens=cfg.meta_max_tokens), samples))
-        with phase(cfg, "candidate_check_and_evaluation"):  # dry run, self-check, self-debug (meta-agent), evaluation
-            cands = list(cfg.meta_pool.map(lambda rs: transition(rs[0], messages, archive, meta, executor, cfg, rs[1]),
-                                           zip(replies, samples)))
+        n_episode, turn = divmod(it - 1, cfg.context_window)
+        if turn == 0:
+            episode = new_episode(seed_archive, latest)
+        cands = draw_candidates(meta, episode, cfg, it)
+        ready = [c for c in cands if c["status"] is None]
+        with phase(cfg, "candidate_check_and_evaluation"):
+            done = list(cfg.meta_pool.map(lambda c: transition(c, episode["known"], meta, executor, cfg), ready))
+        for c, result in zip(ready, done):
+            c.update(result)
         for c in cands:
             c["acc"] = c["ev"].accuracy if "ev" in c else None
-            c["reward"] = reward(c["acc"], best["val_accuracy"], prev, cfg.reward) if c["acc"] is not None else 0.0
+            c["reward"] = reward(c["acc"], episode["best"], episode["prev"], cfg.reward) if c["acc"] is not None else 0.0
         ok = [c for c in cands if c["status"] == "ok"]
         chosen = max(ok, key=lambda c: c["acc"]) if ok else None
-        for j, (reply, c) in enumerate(zip(replies, cands)):
+        for c in cands:
             c["chosen"] = c is chosen
-            cfg.trajectory.write(dict(run=cfg.run_id, task=cfg.task_name, episode=episode, turn=turn + 1, iteration=it,
-                                      sample=j, messages=messages, action=reply, code=c["code"], status=c["status"],
-                                      reason=c["reason"], val_accuracy=c["acc"], reward=c["reward"], chosen=c["chosen"],
-                                      failures=failure_cases(c["ev"], cfg.seed) if "ev" in c else [],
-                                      debug=c["debug"]))
+            cfg.trajectory.write(dict(
+                run=cfg.run_id, task=cfg.task_name, episode=n_episode, turn=turn + 1, iteration=it,
+                sample=c["sample"], parent=episode["parent"]["name"], messages=c["messages"], action=c["action"],
+                first_action=c["first_action"], code=c["code"], status=c["status"], reason=c["reason"],
+                val_accuracy=c["acc"], reward=c["reward"], chosen=c["chosen"],
+                cases=feedback_cases(c["ev"], cfg.seed) if "ev" in c else [], debug=c["debug"]))
+        # The conversation continues with the chosen action and its feedback; with none, with the best discarded
+        # one, else why the first extractable sample was not evaluated (the meta-agent learns what to avoid).
+        evaluated = [c for c in cands if c["acc"] is not None]
+        shown = chosen or max(evaluated, key=lambda c: c["acc"], default=None) or next(
+            (c for c in cands if c["code"]), cands[0])
+        ev = shown.get("ev")
+        episode["turns"].append(dict(action=shown["action"], acc=ev.accuracy if ev else None, reason=shown["reason"],
+                                     ci=ev.ci if ev else None, prev=episode["prev"],
+                                     cases=feedback_cases(ev, cfg.seed) if ev else []))
         if chosen:
-            entry = archive_entry(f"iteration{it}", chosen["code"], chosen["ev"], cfg.seed,
-                                  feedback=trend(chosen["acc"], prev))
-            archive.append(entry)
-            prev = chosen["acc"]
+            latest = archive_entry(f"iteration{it}", chosen["code"], chosen["ev"], cfg.seed)
+            episode.update(prev=chosen["acc"], parent=latest)
+            episode["known"].append(latest)
             if chosen["acc"] > best["val_accuracy"]:
-                best = entry
-                cfg.result["best"] = best
-        cfg.result["history"].append(dict(iteration=it, accuracies=[c["acc"] for c in cands],
-                                          chosen=chosen["acc"] if chosen else None, best=best["val_accuracy"]))
+                best = cfg.result["best"] = latest
+        cfg.result["history"].append(dict(
+            iteration=it, accuracies=[c["acc"] for c in cands], chosen=chosen["acc"] if chosen else None,
+            best=best["val_accuracy"], drawn=len(cands), evaluated=sum(c["acc"] is not None for c in cands),
+            rejected=dict(collections.Counter(c["status"] for c in cands if c["status"] not in ("ok", "discarded")))))
         eta = (time.time() - started) / it * (cfg.iterations - it)
-        summary = ", ".join(f"{c['status']}" + (f" {c['acc']:.2f}" if c["acc"] is not None else "") for c in cands)
-        log(f"iteration {it}/{cfg.iterations} (episode {episode}, turn {turn + 1}): [{summary}] -> "
-            + (f"chose {chosen['acc']:.2f} (reward {chosen['reward']:+.1f})" if chosen else "nothing valid")
+        summary = ", ".join(c["status"] + (f" {c['acc']:.2f}" if c["acc"] is not None else "") for c in cands)
+        log(f"iteration {it}/{cfg.iterations} (episode {n_episode}, turn {turn + 1}): {len(cands)} drawn [{summary}]"
+            f" -> " + (f"chose {chosen['acc']:.2f} (reward {chosen['reward']:+.1f})" if chosen else "nothing valid")
             + f"; best {best['val_accuracy']:.2f} ({best['name']}); ETA {eta / 60:.1f} min")
         save_report(cfg, "running")
     return seed_archive, best
 
 
 def score_on_test(cfg, executor, seed_archive, best, log):
-    """The held-out test split, scored once at the end, for the best workflow and every seed (never seen before)."""
-    out = {}
-    for w in seed_archive + ([best] if best not in seed_archive else []):
-        with phase(cfg, "test_scoring"):
-            ev = evaluate(w["code"], cfg.test, executor, cfg, desc=f"test {w['name']}")
-        out[w["name"]] = dict(accuracy=ev.accuracy, ci=ev.ci, n=ev.n, failed=ev.failed)
-        log(f"test {w['name']:12s} {ev.accuracy:.2f} [{ev.ci[0]:.2f}, {ev.ci[1]:.2f}]  (n={ev.n})")
-    return out
+    """The held-out test split, scored once at the end (never seen before): the best workflow and the best seed,
+    or every seed with --test-all-seeds, all at once."""
+    best_seed = max(seed_archive, key=lambda w: w["val_accuracy"])
+    chosen = seed_archive if cfg.test_all_seeds else [best_seed]
+    workflows = {w["name"]: w["code"] for w in chosen + ([best] if best not in chosen else [])}
+    with phase(cfg, "test_scoring"):
+        evs = evaluate_all(workflows, cfg.test, executor, cfg, desc=f"test split, {len(workflows)} workflows")
+    for name, ev in evs.items():
+        log(f"test {name:12s} {ev.accuracy:.2f} [{ev.ci[0]:.2f}, {ev.ci[1]:.2f}]  (n={ev.n})")
+    return {name: dict(accuracy=ev.accuracy, ci=ev.ci, n=ev.n, failed=ev.failed) for name, ev in evs.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1084,7 +1269,7 @@ def save_report(cfg, status):
                                          model_load=round(LLM.load_seconds, 1)))
     report = dict(task=cfg.task_name, status=status, meta_agent=cfg.meta_agent, executor=cfg.executor,
                   isolation=sandbox.isolation_mode(), usage=cfg.ledger.summary(),
-                  seeds={w["name"]: dict(val=w["val_accuracy"], val_ci=w["val_ci"],
+                  seeds={w["name"]: dict(val=w["val_accuracy"], val_ci=w["val_ci"], code=w["code"],
                                          test=r.get("test", {}).get(w["name"])) for w in r.get("seeds", [])},
                   best=dict(name=best["name"], val=best["val_accuracy"], val_ci=best["val_ci"],
                             test=r.get("test", {}).get(best["name"])) if best else None,
@@ -1125,7 +1310,7 @@ def plot_curve(cfg, report):
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
-VERSION = 1  # bump when the trajectory/report format changes: --resume refuses a run of another version
+VERSION = 2  # bump when the trajectory/report format changes: --resume refuses a run of another version
 
 
 def setup(args):
@@ -1146,8 +1331,6 @@ def setup(args):
     cfg.test = random.Random(cfg.seed + 1).sample(test, min(cfg.test_size, len(test)))
     if not cfg.val:
         raise UserError(f"task {cfg.task_name} has no validation examples")
-    cfg.max_calls_per_sample = 50
-    cfg.debug_rounds = 3
     cfg.ledger = Ledger(cfg.budget_usd, cfg.max_calls)
     cache = Cache(os.path.join(CACHE_ROOT, "calls.sqlite"))
     executor = LLM(cfg.executor, "executor", cfg.ledger, cache, cfg.concurrency)
@@ -1155,6 +1338,7 @@ def setup(args):
     cfg.pool = cf.ThreadPoolExecutor(cfg.concurrency)  # all samples in flight, across every workflow at once
     cfg.meta_pool = cf.ThreadPoolExecutor(max(cfg.samples, 1))
     cfg.result, cfg.phases = dict(history=[]), {}
+    cfg.lock = threading.Lock()  # guards what the meta-agent's threads learn (its context size)
     cfg.t0 = time.time()
     return cfg, executor, meta
 
