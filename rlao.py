@@ -335,7 +335,9 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
     group_advantages(examples, args.pg_std)
     kept = keep_examples(examples, args.keep)
     if not kept:
-        die(f"no examples left after filtering ({len(examples)} loaded, --keep {args.keep})")
+        die(f"no examples left after filtering ({len(examples)} evaluated actions loaded, --keep {args.keep}); "
+            "actions that never reached evaluation (copies, no workflow, broken) are left out unless "
+            "--objective pg --invalid-reward R")
     train_ex, val_ex = split_by_run(kept, args.val_frac, args.seed)
 
     # 2. the policy pi_theta (+ LoRA), its frozen initial copy pi_ref for the KL penalty

@@ -2062,7 +2062,7 @@ def test_rounds_collect_with_w4s_then_train_then_collect_again(tiny, server, sum
     w4s_args = (f"--scorer numeric --executor {server.url}:exec --iterations 1 --samples 2 --val-size 2 "
                 "--meta-max-tokens 24 --timeout 20")
     rlao.main(flags("", tiny, tmp_path / "rl", "--steps", "1", "--rounds", "1", "--task", sums_task,
-                    "--w4s-args", w4s_args)[2:])
+                    "--w4s-args", w4s_args, "--objective", "pg", "--invalid-reward", "-0.5")[2:])
     rounds = json.load(open(tmp_path / "rl" / "rounds.json"))
     assert [r["policy"] for r in rounds] == [f"hf:{tiny}", f"hf:{tmp_path / 'rl' / 'round0' / 'policy'}"]
     reports = [json.load(open(tmp_path / "rl" / f"round{k}" / "collect" / "report.json")) for k in (0, 1)]

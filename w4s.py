@@ -5,13 +5,19 @@ One file, read top-down, in the order of the paper's MDP (arXiv 2504.04785, Sec.
                         retries with backoff, budget; local models batch concurrent requests (continuous batching).
   2. Workflow interface `agent.call_llm` / `agent.execute_code` inside the sandbox, proxied to this process over RPC.
   3. Seed workflows     CoT, CoT self-consistency, program-of-thought, self-refine.
-  4. State s_t          the meta-agent prompt: interface, principles, task, archive of workflows with scores/failures.
-  5. Action a_t         the meta-agent's reply; we extract the ```python block that defines `solver`.
-  6. Transition         near-copy rejection, dry run against a fake agent, self-check + self-debug (<= 3 repairs),
-                        sandboxed evaluation on the fixed validation split, discard at accuracy <= 0.05.
-  7. Reward             discrete (paper) or continuous, in `reward()`.
-  8. The loop           m samples per turn, best-of-m continues, episode reset every `context_window` turns;
-                        at the end the best workflow and every seed are scored once on the held-out test split.
+  4. State s_t          a conversation: the initial state (interface, principles with a technique catalogue, task,
+                        archive of workflows with scores and validation cases, output format), then each earlier
+                        turn's chosen action and the feedback on it (accuracy, CI, trend, cases with the answer the
+                        scorer compared); shortened to fit the meta-agent's context.
+  5. Action a_t         the meta-agent's reply; we extract the ```python block that defines `solver`. The free
+                        pre-screen (extractable, not a near-copy, a dry run against canned replies) redraws failures.
+  6. Transition         self-check on one sample + self-debug (<= 3 repairs), sandboxed evaluation on the fixed
+                        validation split, discard at accuracy <= 0.05.
+  7. Reward             discrete (paper) or continuous, in `reward()`; "best" is fixed at the episode's start.
+  8. The loop           m evaluated candidates per turn, best-of-m continues the conversation; every
+                        `context_window` turns a new episode starts from the seeds + the latest generated workflow
+                        (official main.py); at the end the best workflow and the best seed are scored once on the
+                        held-out test split.
 Outputs in --out: trajectory.jsonl (RLAO's training data), best_workflow.py, report.json, curve.png and
 report.html (written by report.py).
 
@@ -470,6 +476,8 @@ class LLM:
 
     engines = {}  # local engines are shared: one model in memory per spec, one batch for all its callers
     engines_lock = threading.Lock()
+    in_flight = {}  # request key -> Event set when its answer is in the cache: concurrent seeds share calls
+    in_flight_lock = threading.Lock()
     load_seconds = 0.0  # spent loading local models (lazily, on a model's first uncached call)
 
     def __init__(self, spec, role, ledger, cache, concurrency=16):
@@ -481,15 +489,27 @@ class LLM:
 
     def chat(self, messages, temperature=0.0, max_tokens=1024, sample=0, stop=None):
         key = hashlib.sha256(json.dumps([self.spec, messages, temperature, max_tokens, stop, sample]).encode()).hexdigest()
-        hit = self.cache.get(key)
-        if hit is not None:
-            self.ledger.add(self.role, self.model, hit["prompt"], hit["completion"], cached=True)
-            return hit["text"]
-        self.ledger.check()
-        text, prompt, completion = self.call_backend(messages, temperature, max_tokens, sample, stop)
-        self.ledger.add(self.role, self.model, prompt, completion, cached=False)
-        self.cache.put(key, dict(text=text, prompt=prompt, completion=completion))
-        return text
+        with LLM.in_flight_lock:  # the same request already on its way (CoT and self-refine open alike): wait for it
+            ahead = LLM.in_flight.get(key)
+            if ahead is None:
+                LLM.in_flight[key] = mine = threading.Event()
+        if ahead is not None:
+            ahead.wait()
+        try:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.ledger.add(self.role, self.model, hit["prompt"], hit["completion"], cached=True)
+                return hit["text"]
+            self.ledger.check()
+            text, prompt, completion = self.call_backend(messages, temperature, max_tokens, sample, stop)
+            self.ledger.add(self.role, self.model, prompt, completion, cached=False)
+            self.cache.put(key, dict(text=text, prompt=prompt, completion=completion))
+            return text
+        finally:
+            if ahead is None:
+                with LLM.in_flight_lock:
+                    del LLM.in_flight[key]
+                mine.set()
 
     def call_backend(self, messages, temperature, max_tokens, sample, stop):
         if self.client is None:
