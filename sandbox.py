@@ -12,19 +12,32 @@ client, keys, cache, budget and expected answers stay in the parent.
   signal, ptrace or read other processes or root-only files), a fresh 0700 work dir, no new privileges, a parent-death
   signal, and rlimits on memory, CPU, file size, open files and processes, no core dumps.
 - When a task ends (returns, crashes, or the parent's deadline asks) the zygote, briefly taking the task's uid,
-  SIGKILLs every process of that uid (detached grandchildren too) and removes the work dir.
-- The parent checks each JSON line's size and shape, caps RPC calls, keeps the first KB of output; the result comes
-  over the RPC socket, never stdout; tracebacks keep only frames of the code's own file.
+  SIGKILLs every process of that uid (detached grandchildren too), removes the work dir (any depth), and reports
+  the exit status on a pipe only it holds.
+- On x86_64 a seccomp filter denies tasks new namespaces (user ones included), memfd, SysV shm and message queues,
+  POSIX mqueues, io_uring, bpf, keyrings, ptrace, unix sockets (abstract ones would meet across tasks), and signals
+  to the zygote. The zygote is its PID namespace's init (bwrap, unshare): no task can stop it, and its death ends
+  every task. A stopped or dead zygote is replaced; close() kills the whole tree.
+- The parent treats every line from a task as hostile: size, nesting (MAX_DEPTH) and shape checked, lone
+  surrogates replaced, any exception fails that task only; RPC handlers run under the task's deadline; RPC calls
+  capped; the first KB of output kept; tracebacks keep only frames of the code's own file.
 Modes, strongest first (W4S_SANDBOX=bwrap|unshare|rlimits forces one): `bwrap` (own PID/net/IPC/UTS namespaces,
 read-only /usr and Python prefix, nothing else of the host, a size-limited /tmp, capabilities dropped); `unshare` (own
-PID/net/IPC/UTS/mount namespaces, host filesystem); `rlimits` (a plain process, with a loud warning).
+PID/net/IPC/UTS/mount namespaces, host filesystem read-only to tasks by permissions, own size-limited /tmp and
+/dev/shm); `rlimits` (a plain process, with a loud warning). bwrap and unshare put an empty read-only dir over
+$W4S_DATA_DIR, the w4s cache and the data packages that ship answers (DATA_PACKAGES).
 
-Not stopped: kernel exploits; contention for CPU, memory bandwidth, disk I/O. Concurrent tasks of one Sandbox see each
-other's processes (other uids: no signals, no ptrace) and share /tmp's size limit. `unshare` and `rlimits` expose the
-host filesystem (world-readable files such as a benchmark's answers; world-writable /tmp, /dev/shm) and, with Python
-under /root, allow importing only what the zygote pre-imported; `rlimits` shares the host network, 127.0.0.1 included.
-Without root, tasks share the zygote's uid: NPROC counts them together, a detached grandchild lives until close() (in
-`rlimits`, possibly beyond), a task can kill the zygote and so its siblings. No seccomp (not in the stdlib).
+Still NOT stopped: kernel exploits; contention for CPU, memory bandwidth, disk I/O; a handler that outlives its
+deadline finishes (and is billed) in the background. Concurrent tasks of one Sandbox see each other's processes
+(other uids: no signals, no ptrace) and share /tmp's size limit. Not on x86_64: no seccomp, so the items it denies
+stay open. `unshare` exposes the rest of the host filesystem (world-readable files: a custom task's JSONL outside
+the hidden dirs holds answers). `rlimits`: the host network, 127.0.0.1 included; every world-readable file,
+answers in $W4S_DATA_DIR included; world-writable /tmp and /dev/shm, and the work dirs in /dev/shm, all bounded only
+by their size (memory past RLIMIT_AS); a task can stop the zygote in the instant it holds the task's uid only by
+means the filter does not know. Without root, tasks share the zygote's uid: NPROC counts them together, a
+detached grandchild lives until close() (in `rlimits`, possibly beyond), a task can kill the zygote and so its
+siblings, and in `unshare` and `rlimits` it can write whatever the parent can (the call cache, this project's
+source; the run warns).
 """
 import importlib.util, json, os, select, shutil, signal, socket, subprocess, sys, tempfile, threading, time, weakref
 from dataclasses import dataclass
@@ -183,6 +196,7 @@ def fork_spare():
 def start_task(msg, fds):
     t = spare if spare and spare["pid"] in tasks else fork_spare()
     t["id"], t["fd"] = msg["id"], fds[2]
+    os.write(t["fd"], b"%d " % t["uid"])  # the parent can then kill what this task left should we be lost
     try: socket.send_fds(t["handoff"], [b"go"], fds[:2])
     except OSError: pass  # the spare died: reap() reports it as this task's exit
     os.close(fds[0]); os.close(fds[1]); t["handoff"].close()
@@ -312,6 +326,23 @@ def isolation_mode() -> str:
     return mode
 
 
+def _state(pid, uid=False):
+    """A process's state letter ('T': stopped), or its real uid; '' or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            text = fh.read()
+        return int(text.split("\nUid:")[1].split()[0]) if uid else text.split("\nState:")[1].split()[0]
+    except (OSError, IndexError, ValueError):
+        return None if uid else ""
+
+
+def _kill(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
 def _remove(path):
     try:
         shutil.rmtree(path)
@@ -332,7 +363,8 @@ class _Zygote:
         self.proc = subprocess.Popen(_launcher(mode) + [sys.executable, "-I", "-c", BOOT], env=ENV,
                                      cwd=self.base or "/", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      pass_fds=[theirs.fileno()])
-        self.close = weakref.finalize(self, _Zygote.shutdown, self.proc, self.ctrl, self.base, self.pid)
+        self.uids = set()  # of running tasks: without a PID namespace, the only handle on what they started
+        self.close = weakref.finalize(self, _Zygote.shutdown, self.proc, self.ctrl, self.base, self.pid, self.uids)
         unshare = mode == "unshare"  # its own tmpfs /tmp (the work dirs) and /dev/shm; answers hidden
         with theirs, self.proc.stdin:
             cfg = dict(cfg, ctrl=theirs.fileno(), base=self.base or "/tmp", source=ZYGOTE,
@@ -351,28 +383,27 @@ class _Zygote:
 
     def wedged(self) -> bool:
         """Dead, or stopped: it cannot serve another task."""
-        try:
-            with open(f"/proc/{self.pid()}/stat") as fh:
-                return self.proc.poll() is not None or fh.read().rsplit(")", 1)[1].split()[0] in "TtZX"
-        except (OSError, IndexError, TypeError):
-            return True
+        return self.proc.poll() is not None or _state(self.pid()) in ("T", "t", "Z", "X", "")
 
     def send(self, msg: dict, fds=()):
         with self.lock:
             socket.send_fds(self.ctrl, [json.dumps(msg).encode()], list(fds))
 
     @staticmethod
-    def shutdown(proc, ctrl, base, pid):
+    def shutdown(proc, ctrl, base, pid, uids):
         ctrl.close()  # EOF: the zygote kills every task and exits, which also ends its namespaces
         try:
-            proc.wait(5)
+            proc.wait(0 if _state(pid()) in ("T", "t") else 5)
         except subprocess.TimeoutExpired:  # stopped or stuck: killing the PID namespace's init kills all in it
             for target in {pid(), proc.pid} - {None}:
-                try:
-                    os.kill(target, signal.SIGKILL)
-                except OSError:
-                    pass
+                _kill(target)
             proc.wait()
+            for _ in range(10) if base and os.geteuid() == 0 else ():  # rlimits: no namespace, so by uid
+                found = [p for p in filter(str.isdigit, os.listdir("/proc")) if _state(p, uid=True) in uids]
+                for p in found:
+                    _kill(int(p))
+                if not found:
+                    break
         if base:
             _remove(base)
 
@@ -384,7 +415,7 @@ class _Run:
         self.zygote, self.task_id, self.chan, self.out_fd, self.status_fd = zygote, task_id, chan, out_fd, status_fd
         self.rpc, self.timeout, self.max_calls, self.deadline = rpc, timeout, max_calls, time.monotonic() + timeout
         self.calls, self.reply, self.failure, self.killed, self.done = 0, None, "", False, False
-        self.buf, self.out, self.dropped, self.status_bytes = b"", b"", 0, b""
+        self.buf, self.out, self.dropped, self.status_bytes, self.uid = b"", b"", 0, b"", None
 
     def pump(self):
         """Serve the task until the zygote reports it reaped, its processes killed, and both channels are drained."""
@@ -403,7 +434,10 @@ class _Run:
                     keep = data[:max(0, OUTPUT_CAP - len(self.out))]
                     self.out, self.dropped = self.out + keep, self.dropped + len(data) - len(keep)
                 elif fd == self.status_fd:
-                    self.status_bytes += data[:16]
+                    self.status_bytes += data[:32]
+                    if self.uid is None and b" " in self.status_bytes:
+                        self.uid = int(self.status_bytes.split()[0])
+                        self.zygote.uids.add(self.uid)
                     if not data:  # reaped and killed: what the channels still hold is read without waiting long
                         self.done, self.killed = True, True
                         self.deadline = min(self.deadline, time.monotonic() + 0.2)
@@ -479,7 +513,8 @@ class _Run:
         if self.reply and "result" in self.reply and not self.failure:
             return Outcome(True, self.reply["result"], "", out, seconds)
         error = self.failure or (str(self.reply["error"])[:ERROR_CAP] if self.reply else "")
-        status = int(self.status_bytes) if self.status_bytes.lstrip(b"-").isdigit() else None
+        words = self.status_bytes.split()
+        status = int(words[1]) if len(words) == 2 else None
         if not error and status is None:
             error = "the sandbox lost the task (its zygote died)"
         elif not error:
@@ -539,6 +574,8 @@ class Sandbox:
             if not run.done:
                 run.fail("")
             chan.close(), os.close(out_r), os.close(status_r)
+            if run.done:
+                zygote.uids.discard(run.uid)
         if not run.done:  # the zygote never confirmed this task's end: if it is stopped or dead, replace it
             with self._lock:
                 if self._zygote is zygote and zygote.wedged():
