@@ -39,7 +39,8 @@ detached grandchild lives until close() (in `rlimits`, possibly beyond), a task 
 siblings, and in `unshare` and `rlimits` it can write whatever the parent can (the call cache, this project's
 source; the run warns).
 """
-import importlib.util, json, os, select, shutil, signal, socket, subprocess, sys, tempfile, threading, time, weakref
+import concurrent.futures, importlib.util, json, os, select, shutil, signal, socket, subprocess, sys, tempfile
+import threading, time, weakref
 from dataclasses import dataclass
 
 MEMORY_MB, FILE_MB, TMPFS_MB, OPEN_FILES, PROCESSES = 2048, 64, 256, 256, 64   # per task (tmpfs: per Sandbox)
@@ -475,25 +476,15 @@ class _Run:
         self.calls += 1
         if self.calls > self.max_calls:
             return self.fail(f"too many rpc calls (cap {self.max_calls})")
-        box = []
-
-        def call():
-            try:
-                if self.rpc is None:
-                    raise RuntimeError("no rpc handler was given to this run")
-                box.append(json.dumps({"ok": self.rpc(method, params)}))
-            except Exception as exc:  # the workflow sees the handler's failure as RuntimeError(str(exc))
-                box.append(json.dumps({"error": str(exc)[:ERROR_CAP]}))
-        # In a thread, so the deadline holds while the handler runs (an execute_code may take up to a minute); past
-        # it the handler finishes on its own and its answer is dropped.
-        worker = threading.Thread(target=call, daemon=True)
-        worker.start()
-        worker.join(max(0.0, self.deadline - time.monotonic()))
-        if not box:
+        # In a pool thread, so the deadline holds while the handler runs (an execute_code may take up to a minute);
+        # past it the handler finishes on its own and its answer is dropped.
+        try:
+            reply = _handlers.submit(_call, self.rpc, method, params).result(max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
             return self.fail(f"timeout after {self.timeout:g}s (in an rpc call)")
         try:
             self.chan.settimeout(max(0.05, self.deadline - time.monotonic()))
-            self.chan.sendall(box[0].encode() + b"\n")
+            self.chan.sendall(reply.encode() + b"\n")
         except OSError:
             self.fail("could not deliver an rpc reply (the task stopped reading)")
 
@@ -521,6 +512,18 @@ class _Run:
             name = signal.Signals(-status).name if -status in signal.valid_signals() else ""
             error = f"exit code {status}" + (f" ({name})" if name else " without a result" if status >= 0 else "")
         return Outcome(False, None, error, out, seconds)
+
+
+def _call(rpc, method, params):
+    try:
+        if rpc is None:
+            raise RuntimeError("no rpc handler was given to this run")
+        return json.dumps({"ok": rpc(method, params)})
+    except Exception as exc:  # the workflow sees the handler's failure as RuntimeError(str(exc))
+        return json.dumps({"error": str(exc)[:ERROR_CAP]})
+
+
+_handlers = concurrent.futures.ThreadPoolExecutor(512, thread_name_prefix="w4s-rpc")  # threads made as needed
 
 
 def _clean(value, depth=0):
