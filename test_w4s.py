@@ -1990,7 +1990,8 @@ def math_set(step):
         if re.fullmatch(r'-?\d+', g):
             out += [(g, f'The answer is {g} in total, as required.', 1), (g, f'\\boxed{{{int(g) + 1}}}', 0)]
     return out + [
-        ('2220', '\\boxed{2{,}220}', 1), ('1,-2', '\\boxed{-2, 1}', 1), ('1\\pm\\sqrt{19}', '$1+\\sqrt{19}, 1-\\sqrt{19}$', 1),
+        ('2220', '\\boxed{2{,}220}', 1), ('1,-2', '\\boxed{-2, 1}', 1),
+        ('1\\pm\\sqrt{19}', '$1+\\sqrt{19}, 1-\\sqrt{19}$', 1),
         ('\\frac9{19}', '9/19', 1), ('\\frac{270}7\\text{ degrees}', '\\boxed{\\frac{270}{7}}', 1),
         ('x \\in [-2,7]', '\\boxed{[-2,7]}', 1), ('52_8', '\\boxed{52_{8}}', 1), ('\\text{East}', 'East', 1),
         ('1\\frac{4}{5}', '\\boxed{\\frac{9}{5}}', 1), ('1\\frac{4}{5}', '\\boxed{\\frac45}', 0),
@@ -2051,11 +2052,11 @@ def test_scorers_agree_more_than_before(before_benchmarks):
     assert all(new > old for _, old, new in table.values())
 
 
-HOSTILE = ['A ' * 500_000, '(A) ' * 250_000, 'answer is ' * 100_000, '1 ' * 500_000, '\\boxed{' * 100_000,
+HOSTILE_REPLIES = ['A ' * 500_000, '(A) ' * 250_000, 'answer is ' * 100_000, '1 ' * 500_000, '\\boxed{' * 100_000,
            'answer: A or ' * 80_000, '{' * 1_000_000]
 
 
-@pytest.mark.parametrize('reply', HOSTILE, ids=lambda r: repr(r[:12]))
+@pytest.mark.parametrize('reply', HOSTILE_REPLIES, ids=lambda r: repr(r[:12]))
 def test_scorers_read_a_megabyte_reply_in_linear_time(reply):
     started = time.monotonic()
     benchmarks.choice_letter(reply), benchmarks.final_number(reply), benchmarks.get_task('drop').score(

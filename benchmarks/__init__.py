@@ -1,4 +1,6 @@
-"""Benchmark registry and the logic every task shares: finding data, fixed splits, answer extraction, numeric match.
+"""Benchmark registry and the logic every task shares: finding data, fixed splits, answer extraction, numeric match,
+option letters, scorers run in the sandbox. Every scorer reads only the last TAIL characters of a reply, in linear time
+(a reply comes from hostile workflow code; a quadratic regex would freeze the parent, issue 14).
 
 A task is a module with DESCRIPTION, SEEDS, EXTRA_SEEDS, load(split), score(example, answer) and
 extract(example, answer): the part of the reply the scorer compared, shown to the meta-agent (see math.py).
@@ -95,21 +97,15 @@ def answer_span(text):
     return text[last.end():].split('\n', 1)[0].strip().rstrip('.').strip('$* ') if last else None
 
 
-def extract_answer(text, last_number=True):
+def extract_answer(text):
     """The final answer inside a free-text reply (its last TAIL characters): last \\boxed{}, else what follows the
-    last "answer is", else the text itself when it is short (workflows usually return just the answer), else the last
-    number (if last_number)."""
+    last "answer is", else the whole text (workflows usually return just the answer)."""
     text = str(text)[-TAIL:].strip()
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
     span = answer_span(text)
-    if span is not None:
-        return span
-    if len(text) <= 60 and '\n' not in text or not last_number:
-        return text
-    nums = re.findall(NUMBER, text)
-    return nums[-1] if nums else text
+    return text if span is None else span
 
 
 def numbers(text):
@@ -134,12 +130,6 @@ def final_number(answer):
     span = answer_span(text) if span is None else span
     found = (numbers(span)[:1] if span is not None else []) or numbers(text)[-1:]
     return found[0] if found else None
-
-
-def to_number(text):
-    """Last number in text, as a float; None if there is none."""
-    found = numbers(text)
-    return found[-1] if found else None
 
 
 def extract_number(example, answer):

@@ -28,7 +28,7 @@ def _code_score(example, answer):
 
 def _exact(example, answer):
     same = lambda text: ' '.join(str(text).split()).casefold()  # noqa: E731
-    return float(same(extract_answer(answer, last_number=False)) == same(example['answer']))
+    return float(same(extract_answer(answer)) == same(example['answer']))
 
 
 SCORE = {
@@ -40,7 +40,7 @@ SCORE = {
     'code': _code_score,
 }
 EXTRACT = {  # the part of the reply each scorer compares, shown to the meta-agent in its feedback
-    'exact': lambda e, a: extract_answer(a, last_number=False),
+    'exact': lambda e, a: extract_answer(a),
     'numeric': extract_number,
     'math': bmath.extract,
     'choice': lambda e, a: choice_letter(a, 'ABCDEFGHIJ'[:len(e.get('choices') or 'ABCD')]) or '',

@@ -57,7 +57,7 @@ def f1(answer, reference):
 
 
 def extract(example, answer):
-    return extract_answer(answer, last_number=False)  # a CoT reply's \boxed{} answer, else the whole reply
+    return extract_answer(answer)  # a CoT reply's \boxed{} answer, else the whole reply
 
 
 def score(example, answer):
