@@ -2250,3 +2250,156 @@ def test_syscalls_past_the_limits_are_denied(mode, attack):
 def test_slow_rpc_handler_keeps_the_deadline(mode):
     out = run("def f(x):\n    return rpc('slow')", rpc=lambda m, p: time.sleep(3), timeout=1)
     assert not out.ok and out.error.startswith("timeout") and out.seconds < 1 + sandbox.CLEANUP_GRACE
+
+
+# ---- scorers (issue 18)
+# A labelled regression set per scorer, built from the benchmark data: golds in the formats replies use, equivalent
+# rewrites, hard negatives and the cases issue 18 lists. Agreement = the share of pairs a scorer labels as the set
+# does; the "before" scorers are the ones of commit BEFORE (issue 18 filed), read from git.
+# `pytest -s -k agreement` prints the figures.
+BEFORE = '4afff8e'
+
+
+def gsm_set():
+    """(example, reply, label, abs_tol) for GSM8K and MGSM golds, and GSM-Hard-style fractions."""
+    golds = [e['answer'] for e in benchmarks.get_task('gsm8k').load('val')] + \
+        [e['answer'] for e in benchmarks.get_task('mgsm').load('val')]
+    cot = 'First, 12 + 30 = 42 apples, then 3 * 4 = 12 more. ' * 3
+    out = []
+    for g in golds:
+        n = int(float(g))
+        for reply in [g, f'The answer is {g}.', f'The answer is {g}. Check: 2 + 2 = 4.', f'\\boxed{{{g}}}',
+                      f'{cot}\nSo the total is {g}.', f'**Answer:** {n:,}', f'{n:,}'.replace(',', ' ')]:
+            out.append(({'answer': g}, reply, 1, 1e-6))
+        out.append(({'answer': g}, f'The answer is {n + 1}. Check: 1 + 1 = {g}.', 0, 1e-6))
+        out.append(({'answer': g}, f'{cot}\nSo the total is {n + 1}.', 0, 1e-6))
+    for gold, reply in [(-5, '\u22125'), (-12, 'She loses -$12.'), (0.75, '3/4'), (-2.5, 'The answer is -5/2.'),
+                        (1000, '1 000'), (3.3333333333, '\\boxed{\\frac{10}{3}}')]:
+        out += [({'answer': gold}, reply, 1, 0.1), ({'answer': gold + 1}, reply, 0, 0.1)]
+    return out
+
+
+def drop_set():
+    """(example, reply, expected F1): every reference of the validation split restated, plus wrong numbers."""
+    out = []
+    for e in benchmarks.get_task('drop').load('val'):
+        for ref in e['answer']:
+            out += [(e, reply, 1.0) for reply in [ref, f'{ref}.', f'The answer is {ref}.', f'\\boxed{{{ref}}}']]
+            if re.fullmatch(r'\d+(\.\d+)?', ref):
+                out.append(({'answer': [ref]}, f'{float(ref) + 1:g}.', 0.0))
+    return out + [({'answer': ['70.09']}, 'The answer is 70.09.', 1.0), ({'answer': ['70.09']}, '70.09.', 1.0)]
+
+
+CHOICE_SET = [  # (reply, the letter it picked; None for no pick or a hedge)
+    ('C', 'C'), ('(C)', 'C'), ('C) Not wrong, Wrong', 'C'), ('The answer is C.', 'C'), (r'\boxed{C}', 'C'),
+    ('I pick C', 'C'), ('Answer: b', 'B'), ('c)', 'C'), ('(d)', 'D'), ('B.', 'B'), ('**Answer:** D', 'D'),
+    ('The answer is B, since A and C are both wrong.', 'B'), ('Answer: C. Option A is tempting but wrong.', 'C'),
+    ('A careful reading shows option C', 'C'), ('Option A fails, B too. ' * 20 + 'So C is the one.', 'C'),
+    ('The correct answer is option D', 'D'), ('The answer is (A).', 'A'), ('A', 'A'), ('A) 12', 'A'),
+    ('Both A and C', None), ('A or B', None), ('The answer is A or B.', None), ('Answer: B/C', None),
+    ('I do not know.', None), ('', None), ('Final answer: \\boxed{B}', 'B'), ('the answer is d', 'D'),
+    ('Let me think. A is wrong. B is wrong. D is wrong.\nThe answer is C', 'C'), ('Answer:\nB', 'B'),
+]
+
+
+def math_set(step):
+    """(gold, reply, label) from every step-th MATH-500 gold: boxed, stated, bare; integer golds one off; the cases
+    issue 18 lists."""
+    out = []
+    for g in (r['answer'] for r in benchmarks.read_jsonl(benchmarks.data_path('math500_test.jsonl'))[::step]):
+        out += [(g, f'So we get \\boxed{{{g}}}.', 1), (g, f'The answer is ${g}$.', 1), (g, g, 1)]
+        if re.fullmatch(r'-?\d+', g):
+            out += [(g, f'The answer is {g} in total, as required.', 1), (g, f'\\boxed{{{int(g) + 1}}}', 0)]
+    return out + [
+        ('2220', '\\boxed{2{,}220}', 1), ('1,-2', '\\boxed{-2, 1}', 1),
+        ('1\\pm\\sqrt{19}', '$1+\\sqrt{19}, 1-\\sqrt{19}$', 1),
+        ('\\frac9{19}', '9/19', 1), ('\\frac{270}7\\text{ degrees}', '\\boxed{\\frac{270}{7}}', 1),
+        ('x \\in [-2,7]', '\\boxed{[-2,7]}', 1), ('52_8', '\\boxed{52_{8}}', 1), ('\\text{East}', 'East', 1),
+        ('1\\frac{4}{5}', '\\boxed{\\frac{9}{5}}', 1), ('1\\frac{4}{5}', '\\boxed{\\frac45}', 0),
+        ('11111111100', '11111111101', 0), ('x^2+1', '\\boxed{x^2+2}', 0),
+        ('(-\\infty,1)\\cup(2,\\infty)', '\\boxed{(2,\\infty)\\cup(-\\infty,1)}', 1),
+        ('\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}', '\\boxed{\\begin{bmatrix}1\\\\2\\end{bmatrix}}', 1),
+        ('\\frac{3}{4}', '\\boxed{\\frac{4}{3}}', 0), ('(1,2)', '\\boxed{(2,1)}', 0), ('\\sqrt{2}', '\\boxed{2}', 0)]
+
+
+def judged_math(b):
+    score = importlib.import_module(b.__name__ + '.math').score
+    with ThreadPoolExecutor(4) as pool:  # as w4s scores samples: from a thread pool
+        return list(pool.map(lambda p: score({'answer': p[0]}, p[1]) == p[2], math_set(10)))
+
+
+JUDGED = {  # scorer -> for a benchmarks package, whether it labels each pair of the set as the set does
+    'gsm8k+mgsm': lambda b: [b.numeric_match(r, e['answer'], tol) == y for e, r, y, tol in gsm_set()],
+    'drop': lambda b: [b.get_task('drop').score(e, r) == y for e, r, y in drop_set()],
+    'choice': lambda b: [b.choice_letter(r) == y for r, y in CHOICE_SET],
+    'math': judged_math,
+}
+AFTER = {}  # scorer -> judged by the new scorers, computed once
+
+
+def after(name):
+    if name not in AFTER:
+        AFTER[name] = JUDGED[name](benchmarks)
+    return AFTER[name]
+
+
+@pytest.fixture(scope='module')
+def before_benchmarks(tmp_path_factory):
+    """The benchmarks package as of commit BEFORE, imported as `benchmarks_before`."""
+    root = tmp_path_factory.mktemp('before')
+    archive = subprocess.run(['git', '-C', HERE, 'archive', BEFORE, 'benchmarks'], capture_output=True)
+    if archive.returncode:
+        pytest.skip(f'commit {BEFORE} not in this checkout')
+    subprocess.run(['tar', '-x', '-C', str(root)], input=archive.stdout, check=True)
+    os.rename(root / 'benchmarks', root / 'benchmarks_before')
+    sys.path.insert(0, str(root))
+    try:
+        yield importlib.import_module('benchmarks_before')
+    finally:
+        sys.path.remove(str(root))
+
+
+@pytest.mark.parametrize('name', sorted(JUDGED))
+def test_scorer_agrees_with_every_label(name):
+    assert all(after(name))
+
+
+def test_scorers_agree_more_than_before(before_benchmarks):
+    table = {name: (len(after(name)), sum(JUDGED[name](before_benchmarks)) / len(after(name)),
+                    sum(after(name)) / len(after(name))) for name in JUDGED}
+    print('\nscorer agreement with the labelled sets, before -> after:')
+    for name, (n, old, new) in table.items():
+        print(f'  {name:11} {n:5} pairs  {old:6.1%} -> {new:6.1%}')
+    assert all(new > old for _, old, new in table.values())
+
+
+HOSTILE_REPLIES = ['A ' * 500_000, '(A) ' * 250_000, 'answer is ' * 100_000, '1 ' * 500_000, '\\boxed{' * 100_000,
+           'answer: A or ' * 80_000, '{' * 1_000_000]
+
+
+@pytest.mark.parametrize('reply', HOSTILE_REPLIES, ids=lambda r: repr(r[:12]))
+def test_scorers_read_a_megabyte_reply_in_linear_time(reply):
+    started = time.monotonic()
+    benchmarks.choice_letter(reply), benchmarks.final_number(reply), benchmarks.get_task('drop').score(
+        {'answer': ['1']}, reply), bmath.for_parsing(reply)
+    assert time.monotonic() - started < 0.5  # choice_letter took 7 s on 32 KB before (issue 14, item 8)
+
+
+def test_math_hang_from_a_thread_pool_costs_only_its_pair():
+    with ThreadPoolExecutor(2) as pool:
+        hang = pool.submit(bmath.score, {'answer': '1'}, '\\boxed{9^{9^{9^9}}}')
+        assert pool.submit(bmath.score, {'answer': '2'}, '\\boxed{2}').result(timeout=bmath.TIMEOUT) == 1.0
+        assert hang.result(timeout=bmath.TIMEOUT + 5) == 0.0
+
+
+def test_math_verify_never_runs_in_the_parent():
+    bmath.score({'answer': '\\frac{1}{2}'}, '0.5')
+    assert 'math_verify' not in sys.modules
+
+
+def test_math_extract_is_the_string_math_verify_compared():
+    assert bmath.extract({'answer': '10'}, 'Adding up, the answer is 10 in total, as required.') == '10'
+
+
+def test_numeric_extract_is_the_first_number_after_answer_is():
+    assert benchmarks.get_task('gsm8k').extract({'answer': '42'}, 'The answer is 42. Check: 2 + 2 = 4.') == '42'

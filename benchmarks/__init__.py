@@ -1,4 +1,6 @@
-"""Benchmark registry and the logic every task shares: finding data, fixed splits, answer extraction, numeric match.
+"""Benchmark registry and the logic every task shares: finding data, fixed splits, answer extraction, numeric match,
+option letters, scorers run in the sandbox. Every scorer reads only the last TAIL characters of a reply, in linear time
+(a reply comes from hostile workflow code; a quadratic regex would freeze the parent, issue 14).
 
 A task is a module with DESCRIPTION, SEEDS, EXTRA_SEEDS, load(split), score(example, answer) and
 extract(example, answer): the part of the reply the scorer compared, shown to the meta-agent (see math.py).
@@ -12,6 +14,8 @@ import math as _math  # plain `math` would be shadowed by our submodule benchmar
 
 TASKS = ['math', 'gsm8k', 'gsm-hard', 'mgsm', 'humaneval', 'mbpp', 'drop', 'mmlu']
 MGSM_LANGUAGES = ['bn', 'de', 'en', 'es', 'fr', 'ja', 'ru', 'sw', 'te', 'th', 'zh']
+TAIL = 4000  # characters of a reply a scorer reads (the end, where the answer is): linear work, however long the reply
+NUMBER = r'-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+'
 CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'w4s', 'data')
 # The W4S authors' release of the AFlow splits (MBPP, HumanEval), GSM-Hard v2, MGSM and DROP, pinned to one commit;
 # SHA256SUMS holds their checksums (the same as ../shared/data/SHA256SUMS).
@@ -85,49 +89,79 @@ def last_boxed(text):
     return None
 
 
-def extract_answer(text, last_number=True):
-    """The final answer inside a free-text reply: last \\boxed{}, else what follows the last "answer is", else the
-    text itself when it is short (workflows usually return just the answer), else the last number (if last_number)."""
-    text = str(text).strip()
+def answer_span(text):
+    """The rest of the line after the last "answer is" / "Answer:" (markdown ** allowed), or None."""
+    last = None
+    for last in re.finditer(r'\banswer\**\s*(?:is\b|:)[\s:*]*', text, flags=re.I):
+        pass
+    return text[last.end():].split('\n', 1)[0].strip().rstrip('.').strip('$* ') if last else None
+
+
+def extract_answer(text):
+    """The final answer inside a free-text reply (its last TAIL characters): last \\boxed{}, else what follows the
+    last "answer is", else the whole text (workflows usually return just the answer)."""
+    text = str(text)[-TAIL:].strip()
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
-    m = re.findall(r'answer is[:\s]*(.+)', text, flags=re.I)
-    if m:
-        return m[-1].strip().rstrip('.').strip('$ ')
-    if len(text) <= 60 and '\n' not in text or not last_number:
-        return text
-    nums = re.findall(r'-?\d[\d,]*(?:\.\d+)?', text)
-    return nums[-1] if nums else text
+    span = answer_span(text)
+    return text if span is None else span
 
 
-def to_number(text):
-    """Last number in text (thousands separators, $ and % dropped), as a float; None if there is none."""
-    nums = re.findall(r'-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+', re.sub(r'(?<=\d),(?=\d{3}\b)', '', str(text)))
-    try:
-        return float(nums[-1]) if nums else None
-    except (ValueError, OverflowError):
-        return None
+def numbers(text):
+    """Every number in text as a float: thousands separators (1,000 / 1 000), $, the Unicode minus, \\frac{3}{4}
+    and 3/4 understood."""
+    text = re.sub(r'\\[dt]?frac\{(-?\d+)\}\{(\d+)\}', r'\1/\2', str(text).replace('\u2212', '-').replace('$', ''))
+    text = re.sub(r'(?<=\d)[, \u00a0\u202f\u2009](?=\d{3}(?!\d))', '', text)
+    out = []
+    for num, den in re.findall(rf'({NUMBER})(?:/(\d+(?:\.\d+)?))?', text):
+        try:
+            out.append(float(num) / float(den) if den and float(den) else float(num))
+        except (ValueError, OverflowError):
+            pass
+    return out
+
+
+def final_number(answer):
+    """The number a reply gives as its answer: the first one in its last \\boxed{} or after its last "answer is"
+    ("The answer is 42. Check: 2 + 2 = 4." gives 42), else its last number; None if it has none."""
+    text = str(answer)[-TAIL:]
+    span = last_boxed(text)
+    span = answer_span(text) if span is None else span
+    found = (numbers(span)[:1] if span is not None else []) or numbers(text)[-1:]
+    return found[0] if found else None
 
 
 def extract_number(example, answer):
     """The number a numeric scorer compares, as text ('' when the reply holds none): what the meta-agent is shown."""
-    pred = to_number(extract_answer(answer))
+    pred = final_number(answer)
     return '' if pred is None else str(int(pred)) if pred.is_integer() and abs(pred) < 1e18 else repr(pred)
 
 
 def numeric_match(answer, gold, abs_tol=1e-6):
-    """1.0 when the number in the answer equals the gold number (GSM8K, MGSM; GSM-Hard passes a larger tolerance)."""
-    pred, gold = to_number(extract_answer(answer)), float(gold)
+    """1.0 when the number the answer gives equals the gold number (GSM8K, MGSM; GSM-Hard passes a larger tolerance)."""
+    pred, gold = final_number(answer), float(gold)
     return float(pred is not None and _math.isclose(pred, gold, rel_tol=1e-9, abs_tol=abs_tol))
 
 
 def choice_letter(answer, letters='ABCD'):
-    """The option letter a reply picked: "B", "(B)", "B) text", "The answer is B." all give "B"; None if none."""
-    text = extract_answer(answer).strip()
-    m = (re.match(rf'^\(?([{letters}])(?:[).:\s]|$)', text)
-         or re.search(rf'\b([{letters}])\b(?!.*\b[{letters}]\b)', text, flags=re.S))  # else the last lone letter
-    return m.group(1) if m else None
+    """The option letter a reply picked, or None. In its last \\boxed{} or after its last "answer is" / "Answer:":
+    the first letter ("Answer: b", "The answer is B, since A and C..." give B); elsewhere a reply that starts with a
+    letter and a mark ("c)", "(B)", "B. text"), else the last capital option letter standing alone ("...so C is the
+    one."; "A careful reading shows C" gives C). A hedge, the letter joined to another by and/or/comma/slash ("A or
+    B", "Both A and C"), picks none."""
+    text = str(answer)[-TAIL:].strip()
+    span = last_boxed(text)
+    span = answer_span(text) if span is None else span
+    s = text if span is None else span
+    alone = list(re.finditer(rf'\b([{letters}])\b', s))
+    m = re.match(rf'[\s*(\[{{]*([{letters}])(?:[).:,*\]}}]|\s*$)', s, flags=re.I) or (
+        (alone[0] if span is not None else alone[-1]) if alone else None)
+    joined = r'\s*(?:,|/|&|\bor\b|\band\b)\s*'
+    if m is None or re.match(rf'\)?{joined}\(?[{letters}]\b', s[m.end(1):m.end(1) + 12]) \
+            or re.search(rf'\b[{letters}]\)?{joined}\(?$', s[max(0, m.start(1) - 12):m.start(1)]):
+        return None
+    return m.group(1).upper()
 
 
 def extract_code(answer, entry_point=None):
@@ -138,24 +172,28 @@ def extract_code(answer, entry_point=None):
     return (defining or blocks)[-1]
 
 
-# One sandbox for every test run: each run() is a fresh fork of it, so nothing leaks from one sample to the next.
-_TEST_BOX, _TEST_BOX_LOCK = None, threading.Lock()
+# One sandbox per scorer program: each run() is a fresh fork of it, so nothing leaks from one sample to the next, and a
+# hanging or hostile input costs that one sample (killed at its timeout, scored 0), never the caller.
+_BOXES, _BOXES_LOCK = {}, threading.Lock()
 _HARNESS = """def run_program(src):
     exec(compile(src, 'candidate.py', 'exec'), {'__name__': 'candidate'})  # not __main__: skip demo/input() blocks
     return True
 """
 
 
-def run_tests(program, timeout=10.0):
-    """1.0 if `program` (the candidate code followed by its tests) runs to the end in the sandbox within timeout.
-    A hanging or hostile candidate costs this one sample: the sandbox kills it and we score 0."""
-    global _TEST_BOX
-    with _TEST_BOX_LOCK:  # one cold start per process, not one per sample (0.2 s each, 10x the tests themselves)
-        if _TEST_BOX is None:
+def sandboxed(code, entry, arg, timeout, preimport=()):
+    """entry(arg) of `code`, run in a fresh fork of the shared sandbox for that code: a sandbox.Outcome."""
+    with _BOXES_LOCK:  # one cold start per process, not one per sample (0.2 s each, 10x the tests themselves)
+        if code not in _BOXES:
             import atexit, sandbox  # benchmarks -> sandbox, never the other way (DESIGN.md)
-            _TEST_BOX = sandbox.Sandbox(_HARNESS, filename='harness.py')
-            atexit.register(_TEST_BOX.close)
-    outcome = _TEST_BOX.run('run_program', program, timeout=timeout)
+            _BOXES[code] = sandbox.Sandbox(code, filename='scorer.py', preimport=preimport)
+            atexit.register(_BOXES[code].close)
+    return _BOXES[code].run(entry, arg, timeout=timeout)
+
+
+def run_tests(program, timeout=10.0):
+    """1.0 if `program` (the candidate code followed by its tests) runs to the end in the sandbox within timeout."""
+    outcome = sandboxed(_HARNESS, 'run_program', program, timeout)
     return float(outcome.ok and outcome.value is True)
 
 

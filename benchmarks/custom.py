@@ -5,7 +5,7 @@ One JSON object per line with `question` and `answer` (for --scorer code: `test`
 The split is reproducible: a seeded shuffle of the lines, 20 % (at most 100) for validation, the rest for test.
 The description for the meta-agent is --description, else the text of a sidecar file next to the data
 (my_task.jsonl -> my_task.description.txt), else a generic sentence naming the scorer.
-Scorers: exact (case- and space-insensitive), numeric, math (MATH equivalence), choice (option letter), f1 (DROP F1,
+Scorers: exact (case- and space-insensitive), numeric, math (MATH's math-verify), choice (option letter), f1 (DROP F1,
 answer may be a list of references), code (the reply's code, then `test`, run in the sandbox; a `test` defining
 check(candidate) is called with entry_point, one defining check() is called bare, plain asserts just run).
 Leaves out: other file formats (CSV, Parquet) and per-example scorers.
@@ -28,21 +28,21 @@ def _code_score(example, answer):
 
 def _exact(example, answer):
     same = lambda text: ' '.join(str(text).split()).casefold()  # noqa: E731
-    return float(same(extract_answer(answer, last_number=False)) == same(example['answer']))
+    return float(same(extract_answer(answer)) == same(example['answer']))
 
 
 SCORE = {
     'exact': _exact,
     'numeric': lambda e, a: numeric_match(a, e['answer']),
-    'math': lambda e, a: float(bmath.is_equiv(extract_answer(a), e['answer'])),
+    'math': bmath.score,
     'choice': lambda e, a: float(choice_letter(a, 'ABCDEFGHIJ'[:len(e.get('choices') or 'ABCD')]) == e['answer']),
     'f1': drop.score,
     'code': _code_score,
 }
 EXTRACT = {  # the part of the reply each scorer compares, shown to the meta-agent in its feedback
-    'exact': lambda e, a: extract_answer(a, last_number=False),
+    'exact': lambda e, a: extract_answer(a),
     'numeric': extract_number,
-    'math': lambda e, a: extract_answer(a),
+    'math': bmath.extract,
     'choice': lambda e, a: choice_letter(a, 'ABCDEFGHIJ'[:len(e.get('choices') or 'ABCD')]) or '',
     'f1': drop.extract,
     'code': lambda e, a: extract_code(a, e.get('entry_point')),

@@ -2,9 +2,10 @@
 9336 test questions. Several references per question ('|'-separated in the data).
 
 Score: token-level F1 as the official DROP evaluation (drop_eval.py) defines it: lower-case, tokenise on spaces and
-hyphens, drop punctuation (not inside numbers) and articles, write numbers as floats, compare token sets; F1 is 0 when
-the reference has numbers and none of them appears in the answer; max over references, rounded to 2 decimals.
-The answer is the reply's last \\boxed{} or what follows "the answer is", else the whole reply (as ADAS scores it).
+hyphens, drop punctuation (not inside numbers, nor a full stop after one: "70.09." is 70.09, not 7009) and articles,
+write numbers as floats, compare token sets; F1 is 0 when the reference has numbers and none of them appears in the
+answer; max over references, rounded to 2 decimals. The answer is the reply's last \\boxed{} or what follows "the
+answer is", else the whole reply (as ADAS scores it); only its last TAIL characters are read.
 Leaves out: multi-span alignment (ADAS and W4S score each reference as one span, and so do we).
 """
 import re, string
@@ -36,7 +37,9 @@ def _is_number(token):
 def _tokens(text):
     out = []
     for token in re.split(' |-', str(text).lower()):
-        token = token if _is_number(token) else ''.join(c for c in token if c not in string.punctuation)
+        bare = token.rstrip(string.punctuation)  # "70.09." ends a sentence: the number 70.09, not 7009
+        token = token if _is_number(token) else bare if _is_number(bare) else \
+            ''.join(c for c in token if c not in string.punctuation)
         token = str(float(token)) if _is_number(token) else token
         out += re.sub(r'\b(a|an|the)\b', ' ', token).split()
     return set(out)
@@ -54,7 +57,7 @@ def f1(answer, reference):
 
 
 def extract(example, answer):
-    return extract_answer(answer, last_number=False)  # a CoT reply's \boxed{} answer, else the whole reply
+    return extract_answer(answer)  # a CoT reply's \boxed{} answer, else the whole reply
 
 
 def score(example, answer):

@@ -1,7 +1,8 @@
 """GSM8K (grade-school math word problems), test set: 100 validation / 1219 test problems.
 
-Score: numeric match of the final number of the reply (\\boxed{}, "the answer is", else the last number) with the
-number after "####" in the reference solution. Leaves out: the train split (we never train the executor).
+Score: numeric match of the reply's answer (the first number in its last \\boxed{} or after its last "the answer
+is", else its last number; see final_number) with the number after "####" in the reference solution.
+Leaves out: the train split (we never train the executor).
 """
 from . import data_path, read_jsonl, split, numeric_match, extract_number as extract
 

@@ -32,5 +32,5 @@ def score(example, answer):
 
 def for_language(lang):
     """The task mgsm-XX: the same names as this module, restricted to one language."""
-    return types.SimpleNamespace(DESCRIPTION=DESCRIPTION, SEEDS=SEEDS, EXTRA_SEEDS=EXTRA_SEEDS, score=score, extract=extract,
-                                 load=lambda which: load(which, [lang]))
+    return types.SimpleNamespace(DESCRIPTION=DESCRIPTION, SEEDS=SEEDS, EXTRA_SEEDS=EXTRA_SEEDS, score=score,
+                                 extract=extract, load=lambda which: load(which, [lang]))
