@@ -1682,7 +1682,8 @@ def test_budget_usd_stops_cleanly_and_says_exactly_what_was_spent(server, sums_t
     rc = w4s.main(["--task", sums_task, "--scorer", "numeric", "--description", "Add two numbers.",
                    "--meta-agent", server.url + ":meta", "--executor", server.url + ":gpt-4o-mini",
                    "--iterations", "5", "--samples", "3", "--val-size", "4", "--test-size", "4", "--concurrency",
-                   str(concurrency), "--out", str(tmp_path / "run"), "--budget-usd", str(budget)])
+                   str(concurrency), "--out", str(tmp_path / "run"), "--budget-usd", str(budget),
+                   "--price", "meta=0,0"])
     report = json.load(open(tmp_path / "run" / "report.json"))
     paid = len([b for b in server.log if not is_meta(b)]) * PER_CALL_USD
     used = report["usage"]["total_usd"]  # the run's calls at list price, repeats answered by the cache included
@@ -1700,6 +1701,19 @@ def test_max_calls_stops_cleanly_within_one_in_flight_batch(server, sums_task, t
     used = sum(u["calls"] for k, u in report["usage"].items() if k != "total_usd")  # cache hits included
     assert sum(u["calls"] for k, u in paid.items() if k != "total_usd") == len(server.log) <= used
     assert 30 <= used and len(server.log) <= 30 + 4 + 3  # paid: one executor batch + the m meta samples in flight
+
+
+def test_a_budget_with_a_model_of_unknown_price_refuses_to_start(server, sums_task):
+    proc = run_cli("--task", sums_task, "--scorer", "numeric", "--executor", server.url + ":exec",
+                   "--meta-agent", server.url + ":meta", "--budget-usd", "1")
+    assert_one_line_error(proc, "--price meta=IN,OUT")
+
+
+def test_price_flag_values_a_model_the_table_lacks(server, sums_task, tmp_path):
+    stub_run(server, sums_task, tmp_path / "run", "--price", "exec=1000000,0", "--price", "meta=0,0",
+             "--budget-usd", "1000")
+    usage = json.load(open(tmp_path / "run" / "report.json"))["usage"]
+    assert usage["executor"]["usd"] == usage["executor"]["prompt"] > 0  # $1 per prompt token, as priced
 
 
 def test_a_resume_does_not_get_a_fresh_budget(server, sums_task, tmp_path):

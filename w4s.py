@@ -93,6 +93,9 @@ def parse_args(argv=None):
                    "shortened to fit it with the reply (fewer cases, shorter texts, older turns dropped); a server "
                    "that refuses a request for its length lowers it (llama.cpp and older Ollama default to 2048)")
     p.add_argument("--budget-usd", type=float, default=None, help="stop cleanly once this many dollars are spent")
+    p.add_argument("--price", action="append", default=[], metavar="MODEL=IN,OUT", help="dollars per million prompt "
+                   "and completion tokens of a model the built-in table lacks (any http:// server), e.g. "
+                   "--price Qwen/Qwen2.5-7B-Instruct=0.2,0.2; --budget-usd refuses to start without one")
     p.add_argument("--max-calls", type=int, default=None, help="stop cleanly after this many LLM calls in the run "
                    "(cached ones count too, so a resume cannot go past it)")
     p.add_argument("--reward", choices=["discrete", "continuous"], default="discrete",
@@ -403,8 +406,8 @@ class Ledger:
     a resumed run where the uninterrupted one would have stopped instead of granting it a fresh budget.
     `paid`: what this process itself paid for, billed replies that were then rejected (empty, retried) included."""
 
-    def __init__(self, budget_usd=None, max_calls=None):
-        self.budget_usd, self.max_calls = budget_usd, max_calls
+    def __init__(self, budget_usd=None, max_calls=None, prices=PRICES):
+        self.budget_usd, self.max_calls, self.prices = budget_usd, max_calls, prices
         self.lock = threading.Lock()
         self.exhausted = False
         self.usage = collections.defaultdict(lambda: dict(calls=0, prompt=0, completion=0, usd=0.0))
@@ -421,7 +424,7 @@ class Ledger:
 
     def add(self, role, model, prompt, completion, cached, answered=True):
         """One reply: `cached` when it came from the cache; answered=False for a billed reply we could not use."""
-        price_in, price_out = PRICES.get(model, (0.0, 0.0))
+        price_in, price_out = self.prices.get(model, (0.0, 0.0))
         usd = (prompt * price_in + completion * price_out) / 1e6
         with self.lock:
             if answered:
@@ -1351,7 +1354,7 @@ def setup(args):
     cfg.test = random.Random(cfg.seed + 1).sample(test, min(cfg.test_size, len(test)))
     if not cfg.val:
         raise UserError(f"task {cfg.task_name} has no validation examples")
-    cfg.ledger = Ledger(cfg.budget_usd, cfg.max_calls)
+    cfg.ledger = Ledger(cfg.budget_usd, cfg.max_calls, prices_for(cfg))
     cache = Cache(os.path.join(CACHE_ROOT, "calls.sqlite"))
     executor = LLM(cfg.executor, "executor", cfg.ledger, cache, cfg.concurrency)
     meta = LLM(cfg.meta_agent, "meta_agent", cfg.ledger, cache, cfg.concurrency)
@@ -1361,6 +1364,25 @@ def setup(args):
     cfg.lock = threading.Lock()  # guards what the meta-agent's threads learn (its context size)
     cfg.t0 = time.time()
     return cfg, executor, meta
+
+
+def prices_for(cfg):
+    """The price table plus --price; with --budget-usd, every API model must have a price, or the budget would
+    count it as free and never stop the run."""
+    prices = dict(PRICES)
+    for item in cfg.price:
+        model, _, pair = item.rpartition("=")
+        try:
+            prices[model] = tuple(float(x) for x in pair.split(","))
+            assert model and len(prices[model]) == 2
+        except (ValueError, AssertionError):
+            raise UserError(f"--price {item!r}: expected MODEL=IN,OUT (dollars per million tokens)") from None
+    for spec in (cfg.meta_agent, cfg.executor):
+        model = spec.rsplit(":", 1)[1] if spec.startswith("http") else spec
+        if cfg.budget_usd is not None and not is_local_spec(spec) and model not in prices:
+            raise UserError(f"--budget-usd cannot count the cost of {model!r} (no known price): add --price "
+                            f"{model}=IN,OUT (dollars per million prompt, completion tokens) or use --max-calls")
+    return prices
 
 
 def load_resumed_config(args):
