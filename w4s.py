@@ -949,7 +949,7 @@ def prescreen(reply, archive, example, timeout):
         return None, "unextractable", error
     copied = near_copy(code, archive)
     if copied:
-        return code, "near-copy", f"near-copy of archive workflow {copied}"
+        return code, "near-copy", f"near-copy of {copied}"
     with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
         dry = box.run("__w4s_main__", example["question"], rpc=fake_agent_rpc, timeout=min(timeout, 10),
                       max_calls=MAX_CALLS)
@@ -1131,7 +1131,7 @@ def draw_candidates(meta, episode, cfg, it):
         with phase(cfg, "meta_agent_generation"):
             replies = list(cfg.meta_pool.map(lambda j: ask_meta(meta, cfg.task, episode, cfg, 100 * it + j), batch))
         for j, (messages, reply) in zip(batch, replies):
-            known = episode["known"] + [dict(name=f"sample {c['sample']}", code=c["code"]) for c in drawn
+            known = episode["known"] + [dict(name=f"sample {c['sample']} of this turn", code=c["code"]) for c in drawn
                                         if c["status"] is None]
             code, status, reason = prescreen(reply, known, cfg.val[0], cfg.timeout)
             drawn.append(dict(sample=j, messages=messages, action=reply, first_action=reply, code=code,
