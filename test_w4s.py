@@ -336,13 +336,14 @@ def test_near_copies_are_rejected_before_any_executor_call(sums_task, tmp_path):
     assert not any("carefully!" in json.dumps(b) for b in srv.log if not is_meta(b))
 
 
-def test_best_of_m_continues(server, sums_task, tmp_path):
-    stub_run(server, sums_task, tmp_path / "run")
+def test_best_of_m_continues(sums_task, tmp_path):
+    srv = StubOpenAI(meta_replies=fresh_workflows())
+    stub_run(srv, sums_task, tmp_path / "run")
+    srv.shutdown()
     for it in (1, 2):
         ok = [r for r in read_trajectory(tmp_path / "run") if r["iteration"] == it and r["status"] == "ok"]
         chosen = [r for r in ok if r["chosen"]]
-        assert len(chosen) == (1 if ok else 0)
-        assert not ok or chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in ok)
+        assert ok and len(chosen) == 1 and chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in ok)
 
 
 def test_no_test_question_ever_reaches_the_meta_agent(server, sums_task, tmp_path):
@@ -396,15 +397,23 @@ def test_a_dry_run_failure_is_redrawn_without_any_executor_call(sums_task, tmp_p
     assert not any("never sent" in json.dumps(b) for b in srv.log if not is_meta(b))
 
 
-def test_resampling_reaches_m_evaluated_candidates_when_every_other_sample_is_a_copy(sums_task, tmp_path):
-    counter = iter(range(1000))
+def fresh_workflows(copy_every=0):
+    """Meta-agent replies: a new working workflow on each draw, unlike the others (random text in its prompt, and
+    every second one is wrong on odd sums); with copy_every=2, every other draw copies the cot seed instead."""
+    counter, lock = iter(range(10**6)), threading.Lock()
 
-    def meta(body):  # even draws copy the cot seed; odd draws are new workflows, each unlike the others
-        k = next(counter)
-        words = random.Random(k).randbytes(60).hex()
-        return block(w4s.SEED_WORKFLOWS["cot"] if k % 2 == 0 else
-                     GOOD_WORKFLOW.replace("Work carefully.", f"Work carefully. {words}"))
-    srv = StubOpenAI(meta_replies=meta)
+    def meta(body):
+        with lock:
+            k = next(counter)
+        if copy_every and k % copy_every == 0:
+            return block(w4s.SEED_WORKFLOWS["cot"])
+        care = "Work carefully." if k % 4 < 2 else "Go."
+        return block(GOOD_WORKFLOW.replace("Work carefully.", f"{care} {random.Random(k).randbytes(60).hex()}"))
+    return meta
+
+
+def test_resampling_reaches_m_evaluated_candidates_when_every_other_sample_is_a_copy(sums_task, tmp_path):
+    srv = StubOpenAI(meta_replies=fresh_workflows(copy_every=2))
     stub_run(srv, sums_task, tmp_path / "run", "--samples", "3")
     srv.shutdown()
     rows = read_trajectory(tmp_path / "run")
