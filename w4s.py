@@ -93,7 +93,7 @@ def parse_args(argv=None):
                    "shortened to fit it with the reply (fewer cases, shorter texts, older turns dropped); a server "
                    "that refuses a request for its length lowers it (llama.cpp and older Ollama default to 2048)")
     p.add_argument("--budget-usd", type=float, default=None, help="stop cleanly once this many dollars are spent")
-    p.add_argument("--price", action="append", default=[], metavar="MODEL=IN,OUT", help="dollars per million prompt "
+    p.add_argument("--price", action="append", default=None, metavar="MODEL=IN,OUT", help="dollars per million prompt "
                    "and completion tokens of a model the built-in table lacks (any http:// server), e.g. "
                    "--price Qwen/Qwen2.5-7B-Instruct=0.2,0.2; --budget-usd refuses to start without one")
     p.add_argument("--max-calls", type=int, default=None, help="stop cleanly after this many LLM calls in the run "
@@ -1370,7 +1370,7 @@ def prices_for(cfg):
     """The price table plus --price; with --budget-usd, every API model must have a price, or the budget would
     count it as free and never stop the run."""
     prices = dict(PRICES)
-    for item in cfg.price:
+    for item in cfg.price or []:
         model, _, pair = item.rpartition("=")
         try:
             prices[model] = tuple(float(x) for x in pair.split(","))
