@@ -197,7 +197,8 @@ def fork_spare():
 def start_task(msg, fds):
     t = spare if spare and spare["pid"] in tasks else fork_spare()
     t["id"], t["fd"] = msg["id"], fds[2]
-    os.write(t["fd"], b"%d " % t["uid"])  # the parent can then kill what this task left should we be lost
+    try: os.write(t["fd"], b"%d " % t["uid"])  # the parent can then kill what this task left should we be lost
+    except OSError: pass  # the parent stopped listening (Ctrl-C): it closes ctrl next, and every task is killed
     try: socket.send_fds(t["handoff"], [b"go"], fds[:2])
     except OSError: pass  # the spare died: reap() reports it as this task's exit
     os.close(fds[0]); os.close(fds[1]); t["handoff"].close()

@@ -241,6 +241,31 @@ def test_discrete_reward(acc, best, prev, expected):
     assert w4s.reward(acc, best, prev) == pytest.approx(expected)
 
 
+@pytest.fixture(scope="module")
+def fp32_engine():
+    return w4s.LocalEngine("embedded:smollm2-135m", dtype=torch.float32)
+
+
+def engine_prompts():
+    """Different lengths, and the same prompt three times (prefilled once and shared)."""
+    return [[{"role": "user", "content": c}] for c in
+            ["What is 2 + 2?", "Name three colours, then count to five.", "What is 2 + 2?", "Why is the sky blue?",
+             "What is 2 + 2?"]]
+
+
+def test_local_engine_batched_greedy_equals_one_at_a_time_in_fp32(fp32_engine):
+    alone = [fp32_engine.generate(m, 0.0, 24, seed=0)[0] for m in engine_prompts()]
+    with ThreadPoolExecutor(5) as pool:
+        together = list(pool.map(lambda m: fp32_engine.generate(m, 0.0, 24, seed=0)[0], engine_prompts()))
+    assert together == alone and alone[0] == alone[2] == alone[4]
+
+
+def test_local_engine_samples_of_one_shared_prompt_differ(fp32_engine):
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda s: fp32_engine.generate(engine_prompts()[1], 1.0, 24, seed=s)[0], range(4)))
+    assert len(set(texts)) > 1
+
+
 def test_continuous_reward_is_relative_gain_over_best():
     assert w4s.reward(0.6, 0.5, 0.4, "continuous") == pytest.approx(0.2)
 

@@ -255,10 +255,10 @@ class LocalEngine:
 
     MAX_BATCH = 32
 
-    def __init__(self, spec):
+    def __init__(self, spec, dtype=None):
         import torch
         self.torch = torch
-        self.model, self.tok = load_local_model(spec)
+        self.model, self.tok = load_local_model(spec, dtype)
         self.device = self.model.device
         self.stop_ids = {i for i in [self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"),
                                      self.tok.convert_tokens_to_ids("<|endoftext|>")] if isinstance(i, int) and i >= 0}
@@ -315,19 +315,24 @@ class LocalEngine:
                 active, cache, mask = [], None, None
 
     def join(self, active, cache, mask, joining):
-        """Prefill the new requests as one left-padded batch, then merge their KV cache with the running one."""
+        """Prefill the new requests as one left-padded batch, then merge their KV cache with the running one.
+        Identical prompts (the m samples of a meta-agent turn, CoT-SC's n samples) are prefilled once and share it."""
         torch = self.torch
         from transformers import DynamicCache
-        width = max(len(r["ids"]) for r in joining)
-        ids = torch.tensor([[self.tok.pad_token_id] * (width - len(r["ids"])) + r["ids"] for r in joining])
-        new_mask = torch.tensor([[0] * (width - len(r["ids"])) + [1] * len(r["ids"]) for r in joining])
+        unique = list(dict.fromkeys(tuple(r["ids"]) for r in joining))
+        copy_of = torch.tensor([unique.index(tuple(r["ids"])) for r in joining], device=self.device)
+        width = max(len(u) for u in unique)
+        ids = torch.tensor([[self.tok.pad_token_id] * (width - len(u)) + list(u) for u in unique])
+        new_mask = torch.tensor([[0] * (width - len(u)) + [1] * len(u) for u in unique])
         new_cache = DynamicCache()
         pos = (new_mask.cumsum(1) - 1).clamp(min=0)
         out = self.model(input_ids=ids.to(self.device), attention_mask=new_mask.to(self.device),
                          position_ids=pos.to(self.device), cache=new_cache, use_cache=True,
                          logits_to_keep=1)  # full-prompt logits would cost batch x length x 151k floats
-        self.pick_next(joining, out.logits[:, -1])
-        new_mask = new_mask.to(self.device)
+        for layer in new_cache.layers:  # one row per request again
+            layer.keys, layer.values = layer.keys[copy_of], layer.values[copy_of]
+        self.pick_next(joining, out.logits[:, -1][copy_of])
+        new_mask = new_mask.to(self.device)[copy_of]
         if not active:
             return joining, new_cache, torch.cat([new_mask, new_mask.new_ones(len(joining), 1)], dim=1)
         # Invariant on both sides: the last sampled token is in `mask` but not yet in the cache, so each cache holds
@@ -786,15 +791,17 @@ def solver(agent, task):
     if result.startswith("Error") or not result.strip():
         return agent.call_llm(task + "\\nThink step by step. End with \\\\boxed{ANSWER}.")
     return result"""
-OUTPUT_FORMAT = ("First a short analysis (at most 5 sentences): what the failing cases have in common and what you "
-                 "will change. Then exactly one ```python block that defines `def solver(agent, task):` and returns "
-                 "the answer string. Nothing after the block.")
-NEXT_TURN = "Write an improved workflow: a short analysis, then one ```python block defining solver(agent, task)."
+# A skeleton, not a description: measured on one logged state, 10 samples of the 0.5B each, it took the replies that
+# pass the free pre-screen from 0 to 2 (analysis-only replies from 6 to 4).
+OUTPUT_FORMAT = ("Reply in this shape and stop after the block:\nAnalysis: (at most 5 sentences: what the failing cases "
+                 "have in common, and what you change)\n```python\ndef solver(agent, task):\n    (your new workflow: "
+                 "calls to agent.call_llm and agent.execute_code)\n    return answer\n```")
+NEXT_TURN = "Write an improved workflow, in the same shape: Analysis, then one ```python block defining solver."
 
 # How much the state says, from most to least; fit_state() takes the first level that fits the meta-agent's
 # context. In this order: fewer cases and shorter texts, then fewer earlier turns, then (for a 2k-token context)
 # no technique catalogue and only the focus workflow's code. The rest of the initial state is always kept.
-DETAIL = [dict(cases=10, archive_cases=2, chars=400, turns=None, techniques=True, all_code=True),
+DETAIL = [dict(cases=10, archive_cases=1, chars=300, turns=None, techniques=True, all_code=True),
           dict(cases=5, archive_cases=1, chars=250, turns=None, techniques=True, all_code=True),
           dict(cases=3, archive_cases=0, chars=150, turns=1, techniques=True, all_code=True),
           dict(cases=2, archive_cases=0, chars=100, turns=0, techniques=False, all_code=False)]
