@@ -549,7 +549,8 @@ def test_end_to_end_on_the_tiny_real_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.load(open(tmp_path / "run" / "report.json"))
     assert report["status"] == "finished" and set(report["seeds"]) == {"cot", "cot_sc", "pot", "self_refine"}
-    assert len(read_trajectory(tmp_path / "run")) == 2 and os.path.exists(tmp_path / "run" / "curve.png")
+    rows = read_trajectory(tmp_path / "run")  # m = 2 candidates; samples failing the pre-screen are redrawn, to 3m
+    assert 2 <= len(rows) <= 6 and os.path.exists(tmp_path / "run" / "curve.png")
 
 
 def test_evaluate_prints_one_json_line(server, sums_task):
