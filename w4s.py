@@ -1172,6 +1172,7 @@ def optimize(cfg, executor, meta, log):
             c.update(result)
         for c in cands:
             c["acc"] = c["ev"].accuracy if "ev" in c else None
+            c["cases"] = feedback_cases(c["ev"], cfg.seed) if "ev" in c else []  # for the trajectory and the feedback
             c["reward"] = reward(c["acc"], episode["best"], episode["prev"], cfg.reward) if c["acc"] is not None else 0.0
         ok = [c for c in cands if c["status"] == "ok"]
         chosen = max(ok, key=lambda c: c["acc"]) if ok else None
@@ -1182,7 +1183,7 @@ def optimize(cfg, executor, meta, log):
                 sample=c["sample"], parent=episode["parent"]["name"], messages=c["messages"], action=c["action"],
                 first_action=c["first_action"], code=c["code"], status=c["status"], reason=c["reason"],
                 val_accuracy=c["acc"], reward=c["reward"], chosen=c["chosen"],
-                cases=feedback_cases(c["ev"], cfg.seed) if "ev" in c else [], debug=c["debug"]))
+                cases=c["cases"], debug=c["debug"]))
         # The conversation continues with the chosen action and its feedback; with none, with the best discarded
         # one, else why the first extractable sample was not evaluated (the meta-agent learns what to avoid).
         evaluated = [c for c in cands if c["acc"] is not None]
@@ -1190,8 +1191,7 @@ def optimize(cfg, executor, meta, log):
             (c for c in cands if c["code"]), cands[0])
         ev = shown.get("ev")
         episode["turns"].append(dict(action=shown["action"], acc=ev.accuracy if ev else None, reason=shown["reason"],
-                                     ci=ev.ci if ev else None, prev=episode["prev"],
-                                     cases=feedback_cases(ev, cfg.seed) if ev else []))
+                                     ci=ev.ci if ev else None, prev=episode["prev"], cases=shown["cases"]))
         if chosen:
             latest = archive_entry(f"iteration{it}", chosen["code"], chosen["ev"], cfg.seed)
             episode.update(prev=chosen["acc"], parent=latest)
