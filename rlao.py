@@ -272,11 +272,11 @@ def adapters_off(model):
 def load_policy(spec):
     """Same model specs as w4s.py, loaded in fp32 (train() casts to bf16 where that is faster)."""
     try:
-        import w4s
-        return w4s.load_local_model(spec, dtype=torch.float32)
-    except ImportError as e:  # w4s.py missing or half-installed: plain transformers still reads an hf: dir
+        import llm
+        return llm.load_local_model(spec, dtype=torch.float32)
+    except ImportError as e:  # llm.py missing or half-installed: plain transformers still reads an hf: dir
         if not spec.startswith("hf:"):
-            die(f"--init {spec} needs w4s.py ({e})")
+            die(f"--init {spec} needs llm.py ({e})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     return AutoModelForCausalLM.from_pretrained(spec[3:], dtype=torch.float32), AutoTokenizer.from_pretrained(spec[3:])
 

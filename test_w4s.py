@@ -24,6 +24,7 @@ import torch
 from concurrent.futures import ThreadPoolExecutor
 
 import benchmarks
+import llm
 import report
 import rlao
 import sandbox
@@ -202,7 +203,7 @@ def server():
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own call cache; the converted embedded models are shared (read-only) to stay fast."""
     cache = tmp_path_factory.mktemp("cache")
-    monkeypatch.setattr(w4s, "CACHE_ROOT", str(cache))
+    monkeypatch.setattr(llm, "CACHE_ROOT", str(cache))
     models = os.path.expanduser("~/.cache/w4s/models")
     os.makedirs(models, exist_ok=True)
     os.symlink(models, cache / "models")
@@ -243,7 +244,7 @@ def test_discrete_reward(acc, best, prev, expected):
 
 @pytest.fixture(scope="module")
 def fp32_engine():
-    return w4s.LocalEngine("embedded:smollm2-135m", dtype=torch.float32)
+    return llm.LocalEngine("embedded:smollm2-135m", dtype=torch.float32)
 
 
 def engine_prompts():
@@ -311,11 +312,11 @@ def test_bootstrap_ci_brackets_the_mean():
 
 
 def test_repetition_loop_is_detected():
-    assert w4s.repeats_itself([1, 2] * 8 + [7, 8, 9] * 32)
+    assert llm.repeats_itself([1, 2] * 8 + [7, 8, 9] * 32)
 
 
 def test_varied_text_is_not_a_repetition_loop():
-    assert not w4s.repeats_itself(list(range(128)))
+    assert not llm.repeats_itself(list(range(128)))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -387,10 +388,10 @@ def test_a_rerun_pays_for_nothing(server, sums_task, tmp_path):
 
 
 def test_sampled_calls_are_distinct_cache_entries(server, tmp_path):
-    cache = w4s.Cache(str(tmp_path / "c.sqlite"))
-    llm = w4s.LLM(server.url + ":exec", "executor", w4s.Ledger(), cache)
+    cache = llm.Cache(str(tmp_path / "c.sqlite"))
+    client = llm.LLM(server.url + ":exec", "executor", llm.Ledger(), cache)
     msgs = [{"role": "user", "content": "Compute 1 + 2."}]
-    llm.chat(msgs, 0.7, sample=0), llm.chat(msgs, 0.7, sample=1), llm.chat(msgs, 0.7, sample=0)
+    client.chat(msgs, 0.7, sample=0), client.chat(msgs, 0.7, sample=1), client.chat(msgs, 0.7, sample=0)
     assert len(server.log) == 2
 
 
@@ -1598,7 +1599,7 @@ def fast_retries(monkeypatch):
 
 
 def executor_llm(srv, tmp_path, model="exec", ledger=None):
-    return w4s.LLM(f"{srv.url}:{model}", "executor", ledger or w4s.Ledger(), w4s.Cache(str(tmp_path / "c.sqlite")))
+    return llm.LLM(f"{srv.url}:{model}", "executor", ledger or llm.Ledger(), llm.Cache(str(tmp_path / "c.sqlite")))
 
 
 ASK = [{"role": "user", "content": "Compute 4 + 3."}]
@@ -1608,18 +1609,18 @@ ASK = [{"role": "user", "content": "Compute 4 + 3."}]
                                    "truncated"])
 def test_a_transient_fault_is_retried_and_the_answer_cached(fault, fast_retries, tmp_path):
     srv = StubOpenAI(faults=[fault], fault_sleep=1.5)
-    llm = executor_llm(srv, tmp_path)
-    assert llm.chat(ASK) == "The sum is \\boxed{7}."
-    assert llm.chat(ASK) == "The sum is \\boxed{7}."  # from the cache
+    client = executor_llm(srv, tmp_path)
+    assert client.chat(ASK) == "The sum is \\boxed{7}."
+    assert client.chat(ASK) == "The sum is \\boxed{7}."  # from the cache
     srv.shutdown()
     assert len(srv.requests) == 2
 
 
 def test_a_reply_cut_by_length_is_kept_and_cached(fast_retries, tmp_path):
     srv = StubOpenAI(faults=["length"])
-    llm = executor_llm(srv, tmp_path)
-    assert llm.chat(ASK) == "The sum is \\boxed{7}."[:len("The sum is \\boxed{7}.") // 2]
-    llm.chat(ASK)
+    client = executor_llm(srv, tmp_path)
+    assert client.chat(ASK) == "The sum is \\boxed{7}."[:len("The sum is \\boxed{7}.") // 2]
+    client.chat(ASK)
     srv.shutdown()
     assert len(srv.requests) == 1
 
@@ -1628,15 +1629,15 @@ def test_retries_are_bounded_back_off_with_jitter_and_nothing_is_cached(monkeypa
     waits = []
     monkeypatch.setattr(w4s.time, "sleep", lambda s: waits.append(s))
     srv = StubOpenAI(faults=["500"] * 12)
-    llm = executor_llm(srv, tmp_path)
+    client = executor_llm(srv, tmp_path)
     with pytest.raises(RuntimeError, match=r"gave up after 6 attempts \(InternalServerError"):
-        llm.chat(ASK)
+        client.chat(ASK)
     retry_waits = [w for w in waits if w > 0]
     assert len(srv.requests) == 6 and len(retry_waits) == 5
     assert all(0.25 * 2 ** k <= w <= 0.75 * 2 ** k for k, w in enumerate(retry_waits))  # base 0.5 s, jitter x0.5-1.5
     assert retry_waits != [0.5 * 2 ** k for k in range(5)]
     with pytest.raises(RuntimeError):
-        llm.chat(ASK)  # the failure was not cached: the next call asks the server again
+        client.chat(ASK)  # the failure was not cached: the next call asks the server again
     srv.shutdown()
     assert len(srv.requests) == 12
 
@@ -1645,18 +1646,18 @@ def test_retry_after_pauses_the_whole_pool(monkeypatch, tmp_path):
     waits = []
     monkeypatch.setattr(w4s.time, "sleep", lambda s: waits.append(s))
     srv = StubOpenAI(faults=["429"])
-    llm = executor_llm(srv, tmp_path)
-    llm.chat(ASK)
+    client = executor_llm(srv, tmp_path)
+    client.chat(ASK)
     srv.shutdown()
-    assert 0.2 in waits and llm.not_before > 0
+    assert 0.2 in waits and client.not_before > 0
 
 
 def test_empty_content_is_retried_once_then_fails_and_is_paid_for(fast_retries, tmp_path):
     srv = StubOpenAI(faults=["null", "empty"])
-    ledger = w4s.Ledger()
-    llm = executor_llm(srv, tmp_path, model="gpt-4o-mini", ledger=ledger)
+    ledger = llm.Ledger()
+    client = executor_llm(srv, tmp_path, model="gpt-4o-mini", ledger=ledger)
     with pytest.raises(RuntimeError, match="empty reply"):
-        llm.chat(ASK)
+        client.chat(ASK)
     srv.shutdown()
     paid = ledger.summary(paid=True)
     assert len(srv.requests) == 2 and paid["executor"]["calls"] == 2 and paid["total_usd"] == pytest.approx(9e-6)
@@ -1670,7 +1671,7 @@ def test_every_fault_kind_in_one_run_changes_nothing_in_the_report(sums_task, fa
     noisy = StubOpenAI(meta_replies=scripted_meta, faults=[x for f in faults for x in (f, None)], fault_sleep=1.0)
     assert stub_run(noisy, sums_task, tmp_path / "noisy" / "run", *args) == 0
     noisy.shutdown()
-    w4s.CACHE_ROOT = str(tmp_path / "clean-cache")  # isolated_cache restores it after the test
+    llm.CACHE_ROOT = str(tmp_path / "clean-cache")  # isolated_cache restores it after the test
     clean = StubOpenAI(meta_replies=scripted_meta)
     assert stub_run(clean, sums_task, tmp_path / "clean" / "run", *args) == 0
     clean.shutdown()
@@ -2048,7 +2049,7 @@ def test_training_prefers_the_high_reward_action(tiny, tmp_path, objective):
 
 def test_checkpoint_reloads_through_w4s_hf_backend_and_generates(tiny, tmp_path):
     rlao.main(flags(toy_data(tmp_path), tiny, tmp_path / "out", "--steps", "1"))
-    engine = w4s.LocalEngine(f"hf:{tmp_path / 'out'}")
+    engine = llm.LocalEngine(f"hf:{tmp_path / 'out'}")
     text, prompt_tokens, completion_tokens = engine.generate([{"role": "user", "content": "hi"}], 0.0, 4, seed=0)
     assert isinstance(text, str) and prompt_tokens > 0 and 1 <= completion_tokens <= 4
 

