@@ -211,14 +211,18 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
 
 
-@pytest.fixture
-def sums_task(tmp_path):
+def write_sums_task(folder):
     """A custom JSONL task: 12 additions, split reproducibly into validation and test by benchmarks."""
-    path = tmp_path / "sums.jsonl"
+    path = folder / "sums.jsonl"
     rows = [{"id": f"s{i}", "question": f"Compute {10 + i} + {i * 3}.", "answer": str(10 + i + i * 3)}
             for i in range(12)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+@pytest.fixture
+def sums_task(tmp_path):
+    return write_sums_task(tmp_path)
 
 
 def stub_run(server, sums_task, out, *extra):
@@ -226,6 +230,22 @@ def stub_run(server, sums_task, out, *extra):
             "--meta-agent", server.url + ":meta", "--executor", server.url + ":exec", "--iterations", "2",
             "--samples", "3", "--val-size", "4", "--test-size", "4", "--out", str(out), "--timeout", "20", *extra]
     return w4s.main(args)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """One stub optimisation with stub_run's defaults, shared by the tests that only read what it left: (run dir,
+    the server's request log, the task file). Its own call cache: module fixtures start before `isolated_cache`."""
+    tmp = tmp_path_factory.mktemp("default-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llm, "CACHE_ROOT", str(tmp / "cache"))
+        mp.delenv("OPENAI_API_KEY", raising=False)
+        srv = StubOpenAI()
+        task = write_sums_task(tmp)
+        rc = stub_run(srv, task, tmp / "run")
+        srv.shutdown()
+    assert rc == 0
+    return str(tmp / "run"), srv.log, task
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -326,24 +346,21 @@ def read_trajectory(out):
     return [json.loads(line) for line in open(os.path.join(out, "trajectory.jsonl"))]
 
 
-def test_openai_path_runs_a_full_optimization(server, sums_task, tmp_path):
-    assert stub_run(server, sums_task, tmp_path / "run") == 0
-    report = json.load(open(tmp_path / "run" / "report.json"))
+def test_openai_path_runs_a_full_optimization(default_run):
+    report = json.load(open(os.path.join(default_run[0], "report.json")))
     assert report["status"] == "finished" and report["best"]["test"]["accuracy"] == 1.0
 
 
-def test_report_splits_the_wall_time_by_phase(server, sums_task, tmp_path):
-    stub_run(server, sums_task, tmp_path / "run")
-    inv = json.load(open(tmp_path / "run" / "report.json"))["invocation"]
+def test_report_splits_the_wall_time_by_phase(default_run):
+    inv = json.load(open(os.path.join(default_run[0], "report.json")))["invocation"]
     phases = inv["phase_seconds"]
     assert set(phases) == {"seed_evaluation", "meta_agent_generation", "candidate_check_and_evaluation",
                            "test_scoring", "model_load"}
     assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= inv["wall_seconds"] + 0.5
 
 
-def test_every_sample_drawn_is_logged_with_its_status_and_reward(server, sums_task, tmp_path):
-    stub_run(server, sums_task, tmp_path / "run")
-    rows = read_trajectory(tmp_path / "run")
+def test_every_sample_drawn_is_logged_with_its_status_and_reward(default_run):
+    rows = read_trajectory(default_run[0])
     for it in (1, 2):
         samples = [r["sample"] for r in rows if r["iteration"] == it]
         assert samples == list(range(len(samples))) and 3 <= len(samples) <= 9  # m = 3, at most 3m drawn
@@ -372,11 +389,11 @@ def test_best_of_m_continues(sums_task, tmp_path):
         assert ok and len(chosen) == 1 and chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in ok)
 
 
-def test_no_test_question_ever_reaches_the_meta_agent(server, sums_task, tmp_path):
-    stub_run(server, sums_task, tmp_path / "run")
-    report = json.load(open(tmp_path / "run" / "report.json"))
-    questions = {json.loads(line)["id"]: json.loads(line)["question"] for line in open(sums_task)}
-    meta_text = json.dumps([b["messages"] for b in server.log if b["messages"][0]["content"] == w4s.META_SYSTEM])
+def test_no_test_question_ever_reaches_the_meta_agent(default_run):
+    out, log, task = default_run
+    report = json.load(open(os.path.join(out, "report.json")))
+    questions = {json.loads(line)["id"]: json.loads(line)["question"] for line in open(task)}
+    meta_text = json.dumps([b["messages"] for b in log if b["messages"][0]["content"] == w4s.META_SYSTEM])
     assert report["splits"]["test"] and all(questions[i] not in meta_text for i in report["splits"]["test"])
 
 
@@ -474,9 +491,8 @@ def test_second_turn_of_an_episode_carries_the_first_action_and_its_feedback(sum
         third["messages"][2:3] or [{"content": ""}])[0]["content"]  # reset: a new conversation from the archive
 
 
-def test_only_the_best_seed_and_the_best_workflow_meet_the_test_split(server, sums_task, tmp_path):
-    stub_run(server, sums_task, tmp_path / "run")
-    report = json.load(open(tmp_path / "run" / "report.json"))
+def test_only_the_best_seed_and_the_best_workflow_meet_the_test_split(default_run):
+    report = json.load(open(os.path.join(default_run[0], "report.json")))
     assert sum(s["test"] is not None for s in report["seeds"].values()) == 1 and report["best"]["test"]
 
 
@@ -1027,6 +1043,7 @@ def test_detached_grandchild_dies_with_task(mode):
     assert out.ok and processes_of(out.value) == []
 
 
+@needs_root  # without root the task's threads run under our uid and cannot be told apart from ours
 def test_threads_die_after_return(mode):
     out = run("""
         import os, threading, time
@@ -1037,9 +1054,7 @@ def test_threads_die_after_return(mode):
             threading.Thread(target=spin).start()
             return os.getuid()
         """)
-    assert out.ok and out.seconds < 2
-    if ROOT:
-        assert processes_of(out.value) == []
+    assert out.ok and out.seconds < 2 and processes_of(out.value) == []
 
 
 @needs_root  # without root, in rlimits mode a task shares our uid and could really kill us
@@ -1117,6 +1132,7 @@ def test_rpc_call_cap(mode):
 
 
 # -- secrets, network, files --------------------------------------------------------------------------------------
+@needs_root  # without root a task shares our uid and may read the parent's /proc/PID/environ
 def test_planted_key_is_invisible(mode):
     hunt = textwrap.dedent("""
         import os
@@ -1137,8 +1153,6 @@ def test_planted_key_is_invisible(mode):
                           cwd=os.path.dirname(os.path.abspath(sandbox.__file__)))
     out = json.loads(done.stdout.splitlines()[-1])
     assert out["ok"] and out["value"] == [], out
-    if not ROOT:
-        pytest.xfail("without root, tasks share the parent's uid and may read its /proc environ")
 
 
 def test_no_network_but_loopback(mode):
@@ -1642,14 +1656,20 @@ def test_retries_are_bounded_back_off_with_jitter_and_nothing_is_cached(monkeypa
     assert len(srv.requests) == 12
 
 
-def test_retry_after_pauses_the_whole_pool(monkeypatch, tmp_path):
-    waits = []
-    monkeypatch.setattr(w4s.time, "sleep", lambda s: waits.append(s))
+def test_retry_after_pauses_the_whole_pool(tmp_path):
+    """A 429 with Retry-After (0.2 s) on one call holds back another call of the same client that starts meanwhile."""
     srv = StubOpenAI(faults=["429"])
     client = executor_llm(srv, tmp_path)
-    client.chat(ASK)
+    first = threading.Thread(target=client.chat, args=(ASK,))
+    first.start()
+    deadline = time.time() + 10
+    while client.not_before == 0 and time.time() < deadline:  # until the first call has its 429
+        time.sleep(0.005)
+    started, paused_until = time.time(), client.not_before
+    client.chat([{"role": "user", "content": "Compute 1 + 1."}])
+    first.join()
     srv.shutdown()
-    assert 0.2 in waits and client.not_before > 0
+    assert started < paused_until - 0.1 and time.time() >= paused_until
 
 
 def test_empty_content_is_retried_once_then_fails_and_is_paid_for(fast_retries, tmp_path):

@@ -111,17 +111,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def apply_defaults(cfg):
+def apply_defaults(args):
     """Fill the defaults that depend on whether the models are local (slow CPU) or an API (fast, paid)."""
     has_key = bool(os.environ.get("OPENAI_API_KEY"))
-    cfg.meta_agent = cfg.meta_agent or "embedded:qwen2.5-coder-0.5b"
-    cfg.executor = cfg.executor or ("gpt-4o-mini" if has_key else "embedded:qwen2.5-coder-1.5b")
-    local = is_local_spec(cfg.executor)
+    args.meta_agent = args.meta_agent or "embedded:qwen2.5-coder-0.5b"
+    args.executor = args.executor or ("gpt-4o-mini" if has_key else "embedded:qwen2.5-coder-1.5b")
+    local = is_local_spec(args.executor)
     for name, api, offline in [("iterations", 30, 3), ("samples", 5, 2), ("val_size", 50, 8),
                                ("test_size", 200, 8), ("timeout", 120.0, 1800.0), ("max_tokens", 2048, 512)]:
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, offline if local else api)
-    return cfg
+        if getattr(args, name) is None:
+            setattr(args, name, offline if local else api)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -387,30 +387,30 @@ def estimate_tokens(messages):
 MIN_REPLY = 384  # tokens: a short analysis and a small workflow
 
 
-def fit_state(task, episode, cfg):
+def fit_state(episode, run):
     """(messages, reply budget) that fit the meta-agent's context, --meta-context or learned from a refusal. The
     most detailed level that leaves room for the whole reply budget wins, else the first that leaves MIN_REPLY."""
-    levels = [(m, cfg.meta_context - estimate_tokens(m)) for m in (build_state(task, episode, d) for d in DETAIL)]
-    for need in (cfg.meta_max_tokens, MIN_REPLY):
+    levels = [(m, run.meta_context - estimate_tokens(m)) for m in (build_state(run.task, episode, d) for d in DETAIL)]
+    for need in (run.args.meta_max_tokens, MIN_REPLY):
         for messages, room in levels:
             if room >= need:
-                return messages, min(room, cfg.meta_max_tokens)
-    raise UserError(f"the meta-agent's context of {cfg.meta_context} tokens cannot hold even the shortest state "
-                    f"(~{cfg.meta_context - levels[-1][1]} tokens) plus a {MIN_REPLY}-token reply; give the "
+                return messages, min(room, run.args.meta_max_tokens)
+    raise UserError(f"the meta-agent's context of {run.meta_context} tokens cannot hold even the shortest state "
+                    f"(~{run.meta_context - levels[-1][1]} tokens) plus a {MIN_REPLY}-token reply; give the "
                     "server a larger context (llama.cpp: -c 8192, Ollama: num_ctx) and set --meta-context")
 
 
-def ask_meta(meta, task, episode, cfg, sample):
+def ask_meta(meta, episode, run, sample):
     """One meta-agent sample on the fitted state. A server that refuses the request for its length teaches us its
     context (from the error, else 3/4 of what we sent): shrink and retry once; a second refusal stops the run."""
     for attempt in range(2):
-        messages, budget = fit_state(task, episode, cfg)
+        messages, budget = fit_state(episode, run)
         try:
             return messages, meta.chat(messages, temperature=0.7, max_tokens=budget, sample=sample, stop=META_STOP)
         except ContextExceeded as e:
             sent = estimate_tokens(messages) + budget
-            with cfg.lock:
-                cfg.meta_context = min(cfg.meta_context, e.limit or sent * 3 // 4)
+            with run.lock:
+                run.meta_context = min(run.meta_context, e.limit or sent * 3 // 4)
             if attempt:
                 raise UserError(f"{meta.spec} refused the meta-agent's state twice for its length ({e}); set "
                                 "--meta-context to the server's context size, or give the server a larger one")
@@ -499,40 +499,40 @@ class Evaluation:
     cases: list  # per sample: id, question, got, extracted, expected, score, error
 
 
-def run_sample(box, example, executor, cfg):
+def run_sample(box, example, executor, run):
     """One validation/test sample of one workflow, in the sandbox. The gold answer never enters the child."""
-    out = box.run("__w4s_main__", example["question"], rpc=agent_rpc(executor, cfg.max_tokens),
-                  timeout=cfg.timeout, max_calls=MAX_CALLS)
+    out = box.run("__w4s_main__", example["question"], rpc=agent_rpc(executor, run.args.max_tokens),
+                  timeout=run.args.timeout, max_calls=MAX_CALLS)
     got = out.value.get("answer") if out.ok and isinstance(out.value, dict) else out.value
     if out.ok and not isinstance(got, (str, int, float)):
         out = dataclasses.replace(out, ok=False, error=f"solver returned {type(got).__name__}, expected a string")
-    score = float(cfg.task.score(example, got)) if out.ok else 0.0
+    score = float(run.task.score(example, got)) if out.ok else 0.0
     return dict(id=example["id"], question=example["question"], got=clip_middle(got, 2000) if out.ok else None,
-                extracted=clip(cfg.task.extract(example, got), 300) if out.ok else None,
+                extracted=clip(run.task.extract(example, got), 300) if out.ok else None,
                 expected=example["answer"], score=score, error=None if out.ok else clip(out.error, 1500))
 
 
-def evaluate_all(codes, examples, executor, cfg, desc="eval"):
+def evaluate_all(codes, examples, executor, run, desc="eval"):
     """{name: Evaluation} for several workflows at once: every sample of every workflow is in flight together (up
     to --concurrency), each in its own sandboxed process, so a local executor's batch fills up."""
     with contextlib.ExitStack() as stack:
         boxes = {n: stack.enter_context(sandbox.Sandbox(c, prelude=AGENT_PRELUDE)) for n, c in codes.items()}
-        futures = {n: [cfg.pool.submit(run_sample, boxes[n], ex, executor, cfg) for ex in examples] for n in codes}
+        futures = {n: [run.pool.submit(run_sample, boxes[n], ex, executor, run) for ex in examples] for n in codes}
         for _ in progress([f for fs in futures.values() for f in fs], desc):
             pass
-    if cfg.ledger.exhausted:
+    if run.ledger.exhausted:
         raise BudgetExhausted("budget reached during evaluation")
     out = {}
     for name, fs in futures.items():
         cases = [f.result() for f in fs]
         scores = [c["score"] for c in cases]
-        out[name] = Evaluation(sum(scores) / max(len(scores), 1), bootstrap_ci(scores, cfg.seed), len(cases),
+        out[name] = Evaluation(sum(scores) / max(len(scores), 1), bootstrap_ci(scores, run.args.seed), len(cases),
                                sum(c["error"] is not None for c in cases), cases)
     return out
 
 
-def evaluate(code, examples, executor, cfg, desc="eval"):
-    return evaluate_all({"workflow": code}, examples, executor, cfg, desc)["workflow"]
+def evaluate(code, examples, executor, run, desc="eval"):
+    return evaluate_all({"workflow": code}, examples, executor, run, desc)["workflow"]
 
 
 def progress(futures, desc):
@@ -561,13 +561,13 @@ def feedback_cases(ev, seed, k=10):
                  correct=c["score"] >= 1, error=c["error"]) for c in (bad + good)[:k]]
 
 
-def self_check_and_debug(cand, archive, meta, executor, cfg):
+def self_check_and_debug(cand, archive, meta, executor, run):
     """The paper's self-check on one validation sample; on an error, self-debug: show the meta-agent the traceback
     (the workflow's own line numbers) and let it repair, at most DEBUG_ROUNDS times. A repair passes the same free
     pre-screen. On success the candidate's action and messages become the repair that produced the code."""
     for attempt in range(DEBUG_ROUNDS + 1):
         with sandbox.Sandbox(cand["code"], prelude=AGENT_PRELUDE) as box:
-            error = run_sample(box, cfg.val[0], executor, cfg)["error"]
+            error = run_sample(box, run.val[0], executor, run)["error"]
         if error is None:
             return None
         cand["debug"].append(dict(code=cand["code"], error=error))
@@ -577,24 +577,24 @@ def self_check_and_debug(cand, archive, meta, executor, cfg):
                                   {"role": "user", "content": f"Your workflow failed:\n{error}\n\nFix it. Reply with "
                                    "the whole corrected workflow in one ```python block that defines solver(agent, "
                                    "task)."}]
-        budget = cfg.meta_context - estimate_tokens(fix)
+        budget = run.meta_context - estimate_tokens(fix)
         if budget < MIN_REPLY:
             return error + "\n(no room left in the meta-agent's context for a repair)"
-        reply = meta.chat(fix, temperature=0.7, max_tokens=min(budget, cfg.meta_max_tokens), sample=cand["sample"],
+        reply = meta.chat(fix, temperature=0.7, max_tokens=min(budget, run.args.meta_max_tokens), sample=cand["sample"],
                           stop=META_STOP)
-        code, status, reason = prescreen(reply, archive, cfg.val[0], cfg.timeout)
+        code, status, reason = prescreen(reply, archive, run.val[0], run.args.timeout)
         if status:
             return f"the repair was {status}: {reason}"
         cand.update(code=code, action=reply, messages=fix)
 
 
-def transition(cand, archive, meta, executor, cfg):
+def transition(cand, archive, meta, executor, run):
     """From a pre-screened action to an evaluated candidate: self-check and self-debug, then the validation split;
     a candidate at accuracy <= 0.05 is discarded (paper)."""
-    error = self_check_and_debug(cand, archive, meta, executor, cfg)
+    error = self_check_and_debug(cand, archive, meta, executor, run)
     if error is not None:
         return dict(cand, status="error", reason=clip(error, 1500))
-    ev = evaluate(cand["code"], cfg.val, executor, cfg, desc=f"candidate {cand['sample']}")
+    ev = evaluate(cand["code"], run.val, executor, run, desc=f"candidate {cand['sample']}")
     status = "ok" if ev.accuracy > 0.05 else "discarded"
     return dict(cand, status=status, ev=ev, reason="" if status == "ok" else f"validation accuracy {ev.accuracy:.2f}")
 
@@ -630,11 +630,24 @@ def archive_entry(name, code, ev, seed):
 
 
 @contextlib.contextmanager
-def phase(cfg, name):
+def phase(run, name):
     """Wall seconds per phase of the run, for report.json; a model loaded meanwhile counts as model_load instead."""
     t, load = time.time(), LLM.load_seconds
     yield
-    cfg.phases[name] = cfg.phases.get(name, 0.0) + time.time() - t - (LLM.load_seconds - load)
+    run.phases[name] = run.phases.get(name, 0.0) + time.time() - t - (LLM.load_seconds - load)
+
+
+def evaluate_seeds(run, executor, log):
+    """The archive starts with the task's seed workflows, all evaluated at once on the validation split."""
+    seeds = {name: SEED_WORKFLOWS[name] for name in run.task.SEEDS}
+    seeds.update(getattr(run.task, "EXTRA_SEEDS", {}) or {})
+    with phase(run, "seed_evaluation"):
+        evs = evaluate_all(seeds, run.val, executor, run, desc=f"{len(seeds)} seeds")
+    archive = [archive_entry(name, code, evs[name], run.args.seed) for name, code in seeds.items()]
+    for w in archive:
+        log(f"seed {w['name']:12s} val {w['val_accuracy']:.2f} [{w['val_ci'][0]:.2f}, {w['val_ci'][1]:.2f}]  "
+            f"({evs[w['name']].failed} failed)")
+    return archive
 
 
 def new_episode(seed_archive, latest):
@@ -646,97 +659,87 @@ def new_episode(seed_archive, latest):
                 best=max(w["val_accuracy"] for w in archive), prev=(latest or seed_archive[0])["val_accuracy"])
 
 
-def draw_candidates(meta, episode, cfg, it):
+def draw_candidates(meta, episode, run, it):
     """Sample the meta-agent until m actions pass the free pre-screen or 3m were drawn (new sample indices each
     time). A copy of a workflow the episode has seen, or of an earlier sample of this turn, does not count.
     Returns every sample, each with its messages, action, code and pre-screen status (None: passed)."""
-    drawn, passed = [], 0
-    while passed < cfg.samples and len(drawn) < 3 * cfg.samples:
-        batch = range(len(drawn), min(len(drawn) + cfg.samples - passed, 3 * cfg.samples))
-        with phase(cfg, "meta_agent_generation"):
-            replies = list(cfg.meta_pool.map(lambda j: ask_meta(meta, cfg.task, episode, cfg, 100 * it + j), batch))
+    m, drawn, passed = run.args.samples, [], 0
+    while passed < m and len(drawn) < 3 * m:
+        batch = range(len(drawn), min(len(drawn) + m - passed, 3 * m))
+        with phase(run, "meta_agent_generation"):
+            replies = list(run.meta_pool.map(lambda j: ask_meta(meta, episode, run, 100 * it + j), batch))
         for j, (messages, reply) in zip(batch, replies):
             known = episode["known"] + [dict(name=f"sample {c['sample']} of this turn", code=c["code"]) for c in drawn
                                         if c["status"] is None]
-            code, status, reason = prescreen(reply, known, cfg.val[0], cfg.timeout)
+            code, status, reason = prescreen(reply, known, run.val[0], run.args.timeout)
             drawn.append(dict(sample=j, messages=messages, action=reply, first_action=reply, code=code,
                               status=status, reason=reason, debug=[]))
             passed += status is None
     return drawn
 
 
-def optimize(cfg, executor, meta, log):
-    seeds = {name: SEED_WORKFLOWS[name] for name in cfg.task.SEEDS}
-    seeds.update(getattr(cfg.task, "EXTRA_SEEDS", {}) or {})
-    with phase(cfg, "seed_evaluation"):
-        evs = evaluate_all(seeds, cfg.val, executor, cfg, desc=f"{len(seeds)} seeds")
-    seed_archive = [archive_entry(name, code, evs[name], cfg.seed) for name, code in seeds.items()]
-    for w in seed_archive:
-        log(f"seed {w['name']:12s} val {w['val_accuracy']:.2f} [{w['val_ci'][0]:.2f}, {w['val_ci'][1]:.2f}]  "
-            f"({evs[w['name']].failed} failed)")
-    best = max(seed_archive, key=lambda w: w["val_accuracy"])
-    cfg.result.update(seeds=seed_archive, best=best)
-    started, latest = time.time(), None
-    from tqdm import tqdm
-    for it in tqdm(range(1, cfg.iterations + 1), desc="W4S iterations", file=sys.stderr, dynamic_ncols=True):
-        n_episode, turn = divmod(it - 1, cfg.context_window)
+def play_turn(episode, meta, executor, run, it):
+    """One step of the MDP: draw actions, take the transition of those that passed the pre-screen, reward each
+    evaluated one against the episode's best and the previous turn. Returns (every sample, the chosen one or None)."""
+    cands = draw_candidates(meta, episode, run, it)
+    ready = [c for c in cands if c["status"] is None]
+    with phase(run, "candidate_check_and_evaluation"):
+        done = list(run.meta_pool.map(lambda c: transition(c, episode["known"], meta, executor, run), ready))
+    for c, result in zip(ready, done):
+        c.update(result)
+    for c in cands:
+        c["acc"] = c["ev"].accuracy if "ev" in c else None
+        c["cases"] = feedback_cases(c["ev"], run.args.seed) if "ev" in c else []
+        c["reward"] = reward(c["acc"], episode["best"], episode["prev"], run.args.reward) if c["acc"] is not None else 0.0
+    ok = [c for c in cands if c["status"] == "ok"]
+    return cands, max(ok, key=lambda c: c["acc"]) if ok else None
+
+
+def continue_episode(episode, cands, chosen, name, seed):
+    """The conversation goes on with the chosen action and its feedback; with none, with the best discarded one,
+    else with why the first extractable sample was not evaluated (the meta-agent learns what to avoid). The chosen
+    workflow joins the archive; returns its archive entry, or None."""
+    evaluated = [c for c in cands if c["acc"] is not None]
+    shown = chosen or max(evaluated, key=lambda c: c["acc"], default=None) or next(
+        (c for c in cands if c["code"]), cands[0])
+    ev = shown.get("ev")
+    episode["turns"].append(dict(action=shown["action"], acc=ev.accuracy if ev else None, reason=shown["reason"],
+                                 ci=ev.ci if ev else None, prev=episode["prev"], cases=shown["cases"]))
+    if not chosen:
+        return None
+    entry = archive_entry(name, chosen["code"], chosen["ev"], seed)
+    episode.update(prev=chosen["acc"], parent=entry)
+    episode["known"].append(entry)
+    return entry
+
+
+def optimize(run, executor, meta, log):
+    """The W4S loop as a generator: it yields the evaluated seed archive, then one record per turn (every sample
+    drawn, the chosen one, the best so far). The caller persists them; nothing here writes a file."""
+    seed_archive = evaluate_seeds(run, executor, log)
+    best, latest = max(seed_archive, key=lambda w: w["val_accuracy"]), None
+    yield dict(seeds=seed_archive, best=best)
+    for it in range(1, run.args.iterations + 1):
+        n_episode, turn = divmod(it - 1, run.args.context_window)
         if turn == 0:
             episode = new_episode(seed_archive, latest)
-        cands = draw_candidates(meta, episode, cfg, it)
-        ready = [c for c in cands if c["status"] is None]
-        with phase(cfg, "candidate_check_and_evaluation"):
-            done = list(cfg.meta_pool.map(lambda c: transition(c, episode["known"], meta, executor, cfg), ready))
-        for c, result in zip(ready, done):
-            c.update(result)
-        for c in cands:
-            c["acc"] = c["ev"].accuracy if "ev" in c else None
-            c["cases"] = feedback_cases(c["ev"], cfg.seed) if "ev" in c else []  # for the trajectory and the feedback
-            c["reward"] = reward(c["acc"], episode["best"], episode["prev"], cfg.reward) if c["acc"] is not None else 0.0
-        ok = [c for c in cands if c["status"] == "ok"]
-        chosen = max(ok, key=lambda c: c["acc"]) if ok else None
-        for c in cands:
-            c["chosen"] = c is chosen
-            cfg.trajectory.write(dict(
-                run=cfg.run_id, task=cfg.task_name, episode=n_episode, turn=turn + 1, iteration=it,
-                sample=c["sample"], parent=episode["parent"]["name"], messages=c["messages"], action=c["action"],
-                first_action=c["first_action"], code=c["code"], status=c["status"], reason=c["reason"],
-                val_accuracy=c["acc"], reward=c["reward"], chosen=c["chosen"],
-                cases=c["cases"], debug=c["debug"]))
-        # The conversation continues with the chosen action and its feedback; with none, with the best discarded
-        # one, else why the first extractable sample was not evaluated (the meta-agent learns what to avoid).
-        evaluated = [c for c in cands if c["acc"] is not None]
-        shown = chosen or max(evaluated, key=lambda c: c["acc"], default=None) or next(
-            (c for c in cands if c["code"]), cands[0])
-        ev = shown.get("ev")
-        episode["turns"].append(dict(action=shown["action"], acc=ev.accuracy if ev else None, reason=shown["reason"],
-                                     ci=ev.ci if ev else None, prev=episode["prev"], cases=shown["cases"]))
-        if chosen:
-            latest = archive_entry(f"iteration{it}", chosen["code"], chosen["ev"], cfg.seed)
-            episode.update(prev=chosen["acc"], parent=latest)
-            episode["known"].append(latest)
-            if chosen["acc"] > best["val_accuracy"]:
-                best = cfg.result["best"] = latest
-        cfg.result["history"].append(dict(
-            iteration=it, accuracies=[c["acc"] for c in cands], chosen=chosen["acc"] if chosen else None,
-            best=best["val_accuracy"], drawn=len(cands), evaluated=sum(c["acc"] is not None for c in cands),
-            rejected=dict(collections.Counter(c["status"] for c in cands if c["status"] not in ("ok", "discarded")))))
-        eta = (time.time() - started) / it * (cfg.iterations - it)
-        summary = ", ".join(c["status"] + (f" {c['acc']:.2f}" if c["acc"] is not None else "") for c in cands)
-        log(f"iteration {it}/{cfg.iterations} (episode {n_episode}, turn {turn + 1}): {len(cands)} drawn [{summary}]"
-            f" -> " + (f"chose {chosen['acc']:.2f} (reward {chosen['reward']:+.1f})" if chosen else "nothing valid")
-            + f"; best {best['val_accuracy']:.2f} ({best['name']}); ETA {eta / 60:.1f} min")
-        save_report(cfg, "running")
-    return seed_archive, best
+        parent = episode["parent"]["name"]
+        cands, chosen = play_turn(episode, meta, executor, run, it)
+        latest = continue_episode(episode, cands, chosen, f"iteration{it}", run.args.seed) or latest
+        if chosen and chosen["acc"] > best["val_accuracy"]:
+            best = latest
+        yield dict(iteration=it, episode=n_episode, turn=turn + 1, parent=parent, candidates=cands, chosen=chosen,
+                   best=best)
 
 
-def score_on_test(cfg, executor, seed_archive, best, log):
+def score_on_test(run, executor, seed_archive, best, log):
     """The held-out test split, scored once at the end (never seen before): the best workflow and the best seed,
     or every seed with --test-all-seeds, all at once."""
     best_seed = max(seed_archive, key=lambda w: w["val_accuracy"])
-    chosen = seed_archive if cfg.test_all_seeds else [best_seed]
+    chosen = seed_archive if run.args.test_all_seeds else [best_seed]
     workflows = {w["name"]: w["code"] for w in chosen + ([best] if best not in chosen else [])}
-    with phase(cfg, "test_scoring"):
-        evs = evaluate_all(workflows, cfg.test, executor, cfg, desc=f"test split, {len(workflows)} workflows")
+    with phase(run, "test_scoring"):
+        evs = evaluate_all(workflows, run.test, executor, run, desc=f"test split, {len(workflows)} workflows")
     for name, ev in evs.items():
         log(f"test {name:12s} {ev.accuracy:.2f} [{ev.ci[0]:.2f}, {ev.ci[1]:.2f}]  (n={ev.n})")
     return {name: dict(accuracy=ev.accuracy, ci=ev.ci, n=ev.n, failed=ev.failed) for name, ev in evs.items()}
@@ -799,39 +802,61 @@ class Trajectory:
             os.fsync(self.f.fileno())
 
 
-def write_atomic(path, text):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def save_report(cfg, status):
-    r = cfg.result
-    best = r.get("best")
+def save_report(run, result, status):
+    """report.json (atomic) and best_workflow.py from what the loop has yielded so far, plus curve.png."""
+    best = result.get("best")
     # Everything that differs between two invocations of the same run (timestamps, wall time, what this process
     # paid vs. took from the cache) lives in `invocation`; the rest is the same on a --resume or a cached re-run.
-    invocation = dict(started_at=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(cfg.t0)),
-                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), wall_seconds=round(time.time() - cfg.t0, 1),
-                      resumed=bool(cfg.resume), paid=cfg.ledger.summary(paid=True),
-                      phase_seconds=dict({k: round(v, 1) for k, v in cfg.phases.items()},
+    invocation = dict(started_at=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(run.t0)),
+                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), wall_seconds=round(time.time() - run.t0, 1),
+                      resumed=bool(run.args.resume), paid=run.ledger.summary(paid=True),
+                      phase_seconds=dict({k: round(v, 1) for k, v in run.phases.items()},
                                          model_load=round(LLM.load_seconds, 1)))
-    report = dict(task=cfg.task_name, status=status, meta_agent=cfg.meta_agent, executor=cfg.executor,
-                  isolation=sandbox.isolation_mode(), usage=cfg.ledger.summary(),
+    report = dict(task=run.args.task, status=status, meta_agent=run.args.meta_agent, executor=run.args.executor,
+                  isolation=sandbox.isolation_mode(), usage=run.ledger.summary(),
                   seeds={w["name"]: dict(val=w["val_accuracy"], val_ci=w["val_ci"], code=w["code"],
-                                         test=r.get("test", {}).get(w["name"])) for w in r.get("seeds", [])},
+                                         test=result.get("test", {}).get(w["name"])) for w in result.get("seeds", [])},
                   best=dict(name=best["name"], val=best["val_accuracy"], val_ci=best["val_ci"],
-                            test=r.get("test", {}).get(best["name"])) if best else None,
-                  history=r["history"], splits=dict(val=[e["id"] for e in cfg.val], test=[e["id"] for e in cfg.test]),
-                  config=cfg.saved_config, invocation=invocation)
-    write_atomic(os.path.join(cfg.out, "report.json"), json.dumps(report, indent=1))
+                            test=result.get("test", {}).get(best["name"])) if best else None,
+                  history=result["history"], splits=dict(val=[e["id"] for e in run.val],
+                                                         test=[e["id"] for e in run.test]),
+                  config=saved_config(run), invocation=invocation)
+    report_html.write_atomic(os.path.join(run.out, "report.json"), json.dumps(report, indent=1))
     if best:
-        write_atomic(os.path.join(cfg.out, "best_workflow.py"), f"# {best['name']}: validation accuracy "
-                     f"{best['val_accuracy']:.3f}\n" + best["code"])
-    plot_curve(cfg, report)
+        report_html.write_atomic(os.path.join(run.out, "best_workflow.py"), f"# {best['name']}: validation accuracy "
+                                 f"{best['val_accuracy']:.3f}\n" + best["code"])
+    plot_curve(run.out, report)
     return report
 
 
-def plot_curve(cfg, report):
+def trajectory_rows(run, record):
+    """RLAO's training data: one row per sample of a turn, evaluated or not, with the state it was drawn in."""
+    for c in record["candidates"]:
+        yield dict(run=os.path.basename(os.path.normpath(run.out)), task=run.args.task, episode=record["episode"],
+                   turn=record["turn"], iteration=record["iteration"], sample=c["sample"], parent=record["parent"],
+                   messages=c["messages"], action=c["action"], first_action=c["first_action"], code=c["code"],
+                   status=c["status"], reason=c["reason"], val_accuracy=c["acc"], reward=c["reward"],
+                   chosen=c is record["chosen"], cases=c["cases"], debug=c["debug"])
+
+
+def history_entry(record):
+    cands, chosen = record["candidates"], record["chosen"]
+    return dict(iteration=record["iteration"], accuracies=[c["acc"] for c in cands],
+                chosen=chosen["acc"] if chosen else None, best=record["best"]["val_accuracy"], drawn=len(cands),
+                evaluated=sum(c["acc"] is not None for c in cands),
+                rejected=dict(collections.Counter(c["status"] for c in cands if c["status"] not in ("ok", "discarded"))))
+
+
+def turn_summary(record, iterations, eta):
+    cands, chosen, best = record["candidates"], record["chosen"], record["best"]
+    summary = ", ".join(c["status"] + (f" {c['acc']:.2f}" if c["acc"] is not None else "") for c in cands)
+    return (f"iteration {record['iteration']}/{iterations} (episode {record['episode']}, turn {record['turn']}): "
+            f"{len(cands)} drawn [{summary}] -> "
+            + (f"chose {chosen['acc']:.2f} (reward {chosen['reward']:+.1f})" if chosen else "nothing valid")
+            + f"; best {best['val_accuracy']:.2f} ({best['name']}); ETA {eta / 60:.1f} min")
+
+
+def plot_curve(out, report):
     if not report["seeds"]:
         return
     import matplotlib
@@ -851,7 +876,7 @@ def plot_curve(cfg, report):
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out, "curve.png"), dpi=110)
+    fig.savefig(os.path.join(out, "curve.png"), dpi=110)
     plt.close(fig)
 
 
@@ -861,50 +886,70 @@ def plot_curve(cfg, report):
 VERSION = 2  # bump when the trajectory/report format changes: --resume refuses a run of another version
 
 
+@dataclasses.dataclass
+class Run:
+    """What one invocation holds besides its flags (`args`, read-only after setup): the task and its fixed splits,
+    the shared thread pools and ledger, the run directory, the phase timers, and the one thing the run learns as it
+    goes, the meta-agent's context size (guarded by `lock`)."""
+    args: argparse.Namespace
+    task: object  # the task module (benchmarks/): DESCRIPTION, SEEDS, load, score, extract
+    val: list
+    test: list
+    splits: dict  # the whole val and test splits, for --evaluate --limit
+    ledger: Ledger
+    pool: cf.ThreadPoolExecutor  # every validation sample in flight, across all workflows at once
+    meta_pool: cf.ThreadPoolExecutor  # the m meta-agent samples of a turn
+    out: str
+    meta_context: int
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    phases: dict = dataclasses.field(default_factory=dict)
+    t0: float = dataclasses.field(default_factory=time.time)
+
+
 def setup(args):
-    """Resolve defaults, load the task and its fixed splits, build the run directory and the two LLMs."""
+    """Resolve defaults, load the task and its fixed splits, build the run state and the two LLMs."""
     import benchmarks
-    if args.resume:
-        args = load_resumed_config(args)
-    cfg = apply_defaults(args)
-    cfg.saved_config = {k: v for k, v in vars(cfg).items() if k not in ("resume", "evaluate", "split", "limit")}
-    cfg.task_name = cfg.task
+    args = apply_defaults(load_resumed_config(args) if args.resume else args)
     try:
-        cfg.task = benchmarks.get_task(cfg.task_name, cfg.scorer, cfg.description)
-        val, test = cfg.task.load("val"), cfg.task.load("test")
+        task = benchmarks.get_task(args.task, args.scorer, args.description)
+        val, test = task.load("val"), task.load("test")
     except (ValueError, FileNotFoundError, OSError) as e:
         raise UserError(str(e).splitlines()[0]) from None
-    cfg.splits = dict(val=val, test=test)  # whole splits, for --evaluate --limit
-    cfg.val = random.Random(cfg.seed).sample(val, min(cfg.val_size, len(val)))
-    cfg.test = random.Random(cfg.seed + 1).sample(test, min(cfg.test_size, len(test)))
-    if not cfg.val:
-        raise UserError(f"task {cfg.task_name} has no validation examples")
-    cfg.ledger = Ledger(cfg.budget_usd, cfg.max_calls, prices_for(cfg))
+    if not val:
+        raise UserError(f"task {args.task} has no validation examples")
+    ledger = Ledger(args.budget_usd, args.max_calls, prices_for(args))
+    run = Run(args=args, task=task, splits=dict(val=val, test=test), ledger=ledger,
+              val=random.Random(args.seed).sample(val, min(args.val_size, len(val))),
+              test=random.Random(args.seed + 1).sample(test, min(args.test_size, len(test))),
+              pool=cf.ThreadPoolExecutor(args.concurrency), meta_pool=cf.ThreadPoolExecutor(max(args.samples, 1)),
+              out=args.out or os.path.join("runs", f"{args.task.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"),
+              meta_context=args.meta_context)
     cache = Cache(os.path.join(llm.CACHE_ROOT, "calls.sqlite"))
-    executor = LLM(cfg.executor, "executor", cfg.ledger, cache, cfg.concurrency)
-    meta = LLM(cfg.meta_agent, "meta_agent", cfg.ledger, cache, cfg.concurrency)
-    cfg.pool = cf.ThreadPoolExecutor(cfg.concurrency)  # all samples in flight, across every workflow at once
-    cfg.meta_pool = cf.ThreadPoolExecutor(max(cfg.samples, 1))
-    cfg.result, cfg.phases = dict(history=[]), {}
-    cfg.lock = threading.Lock()  # guards what the meta-agent's threads learn (its context size)
-    cfg.t0 = time.time()
-    return cfg, executor, meta
+    executor = LLM(args.executor, "executor", ledger, cache, args.concurrency)
+    meta = LLM(args.meta_agent, "meta_agent", ledger, cache, args.concurrency)
+    return run, executor, meta
 
 
-def prices_for(cfg):
+def saved_config(run):
+    """config.json: the flags that define the run (what --resume restores), with the run directory chosen."""
+    return dict({k: v for k, v in vars(run.args).items() if k not in ("resume", "evaluate", "split", "limit")},
+                out=run.out)
+
+
+def prices_for(args):
     """The price table plus --price; with --budget-usd, every API model must have a price, or the budget would
     count it as free and never stop the run."""
     prices = dict(PRICES)
-    for item in cfg.price or []:
+    for item in args.price or []:
         model, _, pair = item.rpartition("=")
         try:
             prices[model] = tuple(float(x) for x in pair.split(","))
             assert model and len(prices[model]) == 2
         except (ValueError, AssertionError):
             raise UserError(f"--price {item!r}: expected MODEL=IN,OUT (dollars per million tokens)") from None
-    for spec in (cfg.meta_agent, cfg.executor):
+    for spec in (args.meta_agent, args.executor):
         model = spec.rsplit(":", 1)[1] if spec.startswith("http") else spec
-        if cfg.budget_usd is not None and not is_local_spec(spec) and model not in prices:
+        if args.budget_usd is not None and not is_local_spec(spec) and model not in prices:
             raise UserError(f"--budget-usd cannot count the cost of {model!r} (no known price): add --price "
                             f"{model}=IN,OUT (dollars per million prompt, completion tokens) or use --max-calls")
     return prices
@@ -935,22 +980,22 @@ def load_resumed_config(args):
     return argparse.Namespace(**merged)
 
 
-def run_evaluate(cfg, executor):
+def run_evaluate(run, executor):
     """--evaluate: one workflow file (or seed name) on one split, one JSON line out."""
-    source = cfg.evaluate
-    if source in SEED_WORKFLOWS or source in (getattr(cfg.task, "EXTRA_SEEDS", {}) or {}):
-        code = SEED_WORKFLOWS.get(source) or cfg.task.EXTRA_SEEDS[source]
+    source = run.args.evaluate
+    if source in SEED_WORKFLOWS or source in (getattr(run.task, "EXTRA_SEEDS", {}) or {}):
+        code = SEED_WORKFLOWS.get(source) or run.task.EXTRA_SEEDS[source]
     elif os.path.isfile(source):
         code = open(source, encoding="utf-8").read()
     else:
         raise UserError(f"--evaluate {source}: no such file or seed ({', '.join(SEED_WORKFLOWS)})")
-    examples = cfg.val if cfg.split == "val" else cfg.test
-    if cfg.limit:
-        examples = cfg.splits[cfg.split][:cfg.limit]  # the task file was read once, in setup()
+    examples = run.val if run.args.split == "val" else run.test
+    if run.args.limit:
+        examples = run.splits[run.args.split][:run.args.limit]  # the task file was read once, in setup()
     t = time.time()
-    ev = evaluate(code, examples, executor, cfg, desc=f"evaluate {os.path.basename(source)}")
-    print(json.dumps(dict(task=cfg.task_name, split=cfg.split, accuracy=ev.accuracy, ci=ev.ci, n=ev.n,
-                          failed=ev.failed, seconds=round(time.time() - t, 1), usage=cfg.ledger.summary(),
+    ev = evaluate(code, examples, executor, run, desc=f"evaluate {os.path.basename(source)}")
+    print(json.dumps(dict(task=run.args.task, split=run.args.split, accuracy=ev.accuracy, ci=ev.ci, n=ev.n,
+                          failed=ev.failed, seconds=round(time.time() - t, 1), usage=run.ledger.summary(),
                           errors=[c["error"][:200] for c in ev.cases if c["error"]][:5])))
     return 0
 
@@ -960,10 +1005,10 @@ def main(argv=None):
     try:
         if args.report:
             return write_reports(args.report)
-        cfg, executor, meta = setup(args)
-        if cfg.evaluate:
-            return run_evaluate(cfg, executor)
-        return run_optimization(cfg, executor, meta)
+        run, executor, meta = setup(args)
+        if run.args.evaluate:
+            return run_evaluate(run, executor)
+        return run_optimization(run, executor, meta)
     except UserError as e:
         print(f"w4s: error: {e}", file=sys.stderr)
         return 2
@@ -972,49 +1017,51 @@ def main(argv=None):
         return 130
 
 
-def run_optimization(cfg, executor, meta):
-    cfg.out = cfg.out or os.path.join("runs", f"{cfg.task_name.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(cfg.out, exist_ok=True)
-    cfg.saved_config["out"] = cfg.out
-    write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(dict(cfg.saved_config, version=VERSION), indent=1))
-    cfg.run_id = os.path.basename(os.path.normpath(cfg.out))
+def run_optimization(run, executor, meta):
+    """Run the loop and persist every record it yields: trajectory rows (fsynced), report.json, the log line."""
+    os.makedirs(run.out, exist_ok=True)
+    report_html.write_atomic(os.path.join(run.out, "config.json"),
+                             json.dumps(dict(saved_config(run), version=VERSION), indent=1))
     from tqdm import tqdm
     log = lambda msg: tqdm.write(f"[w4s] {msg}", file=sys.stderr)  # noqa: E731 (prints above the progress bars)
-    cfg.trajectory = Trajectory(os.path.join(cfg.out, "trajectory.jsonl"), resume=bool(cfg.resume), log=log)
-    if cfg.meta_agent.startswith("embedded:") and cfg.executor.startswith("embedded:"):
-        log(f"offline: embedded models, meta-agent {cfg.meta_agent} -> executor {cfg.executor} "
+    trajectory = Trajectory(os.path.join(run.out, "trajectory.jsonl"), resume=bool(run.args.resume), log=log)
+    if is_local_spec(run.args.meta_agent) and is_local_spec(run.args.executor):
+        log(f"offline: local models, meta-agent {run.args.meta_agent} -> executor {run.args.executor} "
             "(set OPENAI_API_KEY or --executor to use an API)")
-    log(f"task {cfg.task_name}: {len(cfg.val)} validation / {len(cfg.test)} test examples, {cfg.iterations} "
-        f"iterations x {cfg.samples} samples, sandbox: {sandbox.isolation_mode()}; run dir {cfg.out}")
-    def stop_now(status, code, why):
-        """Ctrl-C or an API that keeps failing: save what there is and say how to resume. Run as a script, leave at
-        once rather than wait for the calls and sandboxes still in flight (what they answered is in the cache)."""
-        try:
-            save_report(cfg, status)
-        finally:
-            # plain print, not tqdm.write (which redraws the bars below it): this must be the last line on screen
-            print(f"\n[w4s] {why}; progress saved; resume with: python w4s.py --resume {cfg.out}", file=sys.stderr,
-                  flush=True)
-            cfg.pool.shutdown(wait=False, cancel_futures=True)
-            if __name__ == "__main__":
-                sys.stderr.flush()
-                os._exit(code)
-        return code
-
-    status = "finished"
+    log(f"task {run.args.task}: {len(run.val)} validation / {len(run.test)} test examples, {run.args.iterations} "
+        f"iterations x {run.args.samples} samples, sandbox: {sandbox.isolation_mode()}; run dir {run.out}")
+    result, status = dict(history=[]), "finished"
+    bar = tqdm(total=run.args.iterations, desc="W4S iterations", file=sys.stderr, dynamic_ncols=True)
     try:
-        seed_archive, best = optimize(cfg, executor, meta, log)
-        if cfg.test:
-            cfg.result["test"] = score_on_test(cfg, executor, seed_archive, best, log)
+        for record in optimize(run, executor, meta, log):
+            result["best"] = record["best"]
+            if "seeds" in record:
+                result["seeds"], started = record["seeds"], time.time()
+            else:
+                for row in trajectory_rows(run, record):
+                    trajectory.write(row)
+                result["history"].append(history_entry(record))
+                bar.update()
+                eta = (time.time() - started) / record["iteration"] * (run.args.iterations - record["iteration"])
+                log(turn_summary(record, run.args.iterations, eta))
+            save_report(run, result, "running")
+        bar.close()
+        if run.test:
+            result["test"] = score_on_test(run, executor, result["seeds"], result["best"], log)
     except BudgetExhausted as e:
         status = "stopped: budget"
         log(f"{e}; saving and stopping")
-    except KeyboardInterrupt:
-        return stop_now("interrupted", 130, "interrupted")
-    except APIFailure as e:
-        return stop_now("stopped: API error", 1, f"error: {e}")
-    cfg.trajectory.finish()
-    report = save_report(cfg, status)
+    except (KeyboardInterrupt, APIFailure) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        bar.close()
+        save_report(run, result, "interrupted" if interrupted else "stopped: API error")
+        # plain print, not tqdm.write (which redraws the bars below it): this must be the last line on screen
+        print(f"\n[w4s] {'interrupted' if interrupted else f'error: {e}'}; progress saved; resume with: python "
+              f"w4s.py --resume {run.out}", file=sys.stderr, flush=True)
+        run.pool.shutdown(wait=False, cancel_futures=True)
+        return 130 if interrupted else 1
+    trajectory.finish()
+    report = save_report(run, result, status)
     paid = report["invocation"]["paid"]
     log(f"{status}: best {report['best']['name'] if report['best'] else '-'}; "
         f"{sum(u['prompt'] + u['completion'] for k, u in report['usage'].items() if k != 'total_usd')} tokens, "
@@ -1023,7 +1070,7 @@ def run_optimization(cfg, executor, meta):
         f"{report['invocation']['wall_seconds'] / 60:.1f} min")
     log("time by phase: " + ", ".join(f"{k.replace('_', ' ')} {v / 60:.1f} min"
                                       for k, v in report["invocation"]["phase_seconds"].items()))
-    log(f"report: {report_html.write_report(cfg.out)}")
+    log(f"report: {report_html.write_report(run.out)}")
     return 0
 
 
@@ -1039,4 +1086,7 @@ def write_reports(run_dirs):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # after Ctrl-C, threads still blocked in calls or sandboxes would hold a normal exit
