@@ -39,7 +39,7 @@ detached grandchild lives until close() (in `rlimits`, possibly beyond), a task 
 siblings, and in `unshare` and `rlimits` it can write whatever the parent can (the call cache, this project's
 source; the run warns).
 """
-import concurrent.futures, importlib.util, json, os, select, shutil, signal, socket, subprocess, sys, tempfile
+import atexit, concurrent.futures, importlib.util, json, os, select, shutil, signal, socket, subprocess, sys, tempfile
 import threading, time, weakref
 from dataclasses import dataclass
 
@@ -604,3 +604,16 @@ def run_once(code: str, entry: str, arg, *, prelude: str = "", filename: str = "
     """One task in a sandbox of its own (pays the cold start)."""
     with Sandbox(code, prelude=prelude, filename=filename) as box:
         return box.run(entry, arg, **run_kw)
+
+
+_shared, _shared_lock = {}, threading.Lock()
+
+
+def shared(code: str, *, filename: str = "workflow.py", preimport=()) -> Sandbox:
+    """One warm Sandbox per program for the whole process, closed at exit: each run() is a fresh fork of it, so a
+    program run for every sample (a scorer, the execute_code harness) pays its cold start once, not per sample."""
+    with _shared_lock:
+        if code not in _shared:
+            _shared[code] = Sandbox(code, filename=filename, preimport=preimport)
+            atexit.register(_shared[code].close)
+        return _shared[code]

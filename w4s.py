@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 
+import benchmarks
 import llm
 import report as report_html
 import sandbox
@@ -171,15 +172,10 @@ def run_snippet(src):
         return sympy.latex(value)
     return str(value)
 """
-_snippet_box, _snippet_lock = None, threading.Lock()
-
-
 def run_snippet(code, timeout):
-    global _snippet_box
-    with _snippet_lock:  # one cold start per process (~0.1 s), then a fork per snippet (~3 ms)
-        if _snippet_box is None:
-            _snippet_box = sandbox.Sandbox(SNIPPET_HARNESS, filename="harness.py", preimport=("sympy",))
-    out = _snippet_box.run("run_snippet", code, timeout=timeout)
+    """One cold start per process (~0.1 s), then a fork per snippet (~3 ms)."""
+    out = sandbox.shared(SNIPPET_HARNESS, filename="harness.py", preimport=("sympy",)).run("run_snippet", code,
+                                                                                          timeout=timeout)
     return str(out.value) if out.ok else f"Error: {out.error}"
 
 
@@ -422,7 +418,7 @@ def ask_meta(meta, episode, run, sample):
 def extract_workflow(reply):
     """Return (code, error). We take the FIRST ```python block that defines solver(agent, task): the 0.5B
     meta-agent often appends usage examples or a second variant after its workflow (measured: see README)."""
-    blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)(?:\n```|$)", reply, re.S)
+    blocks = benchmarks.code_blocks(reply)
     if not blocks:
         return None, "no ```python block in the reply"
     errors = []
@@ -908,7 +904,6 @@ class Run:
 
 def setup(args):
     """Resolve defaults, load the task and its fixed splits, build the run state and the two LLMs."""
-    import benchmarks
     args = apply_defaults(load_resumed_config(args) if args.resume else args)
     try:
         task = benchmarks.get_task(args.task, args.scorer, args.description)

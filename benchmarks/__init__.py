@@ -9,7 +9,7 @@ Data is looked up in this order (DESIGN.md): $W4S_DATA_DIR/<file>; a file shippe
 (located with find_spec, which does not run the package's __init__); the cache ~/.cache/w4s/data; a download from the
 public source, checked against a sha256 and then cached. Leaves out: dataset versioning beyond the pinned sha256s.
 """
-import gzip, hashlib, importlib, importlib.util, json, os, random, re, threading, urllib.request
+import gzip, hashlib, importlib, importlib.util, json, os, random, re, urllib.request
 import math as _math  # plain `math` would be shadowed by our submodule benchmarks.math
 
 TASKS = ['math', 'gsm8k', 'gsm-hard', 'mgsm', 'humaneval', 'mbpp', 'drop', 'mmlu']
@@ -164,17 +164,19 @@ def choice_letter(answer, letters='ABCD'):
     return m.group(1).upper()
 
 
+def code_blocks(text):
+    """The ```python (or bare ```) blocks of a reply, in order; a last block cut off by the token limit counts."""
+    return re.findall(r'```(?:python|py)?[ \t]*\n(.*?)(?:\n?```|$)', text, flags=re.S)
+
+
 def extract_code(answer, entry_point=None):
     """The program in a reply: the last ```python block that defines entry_point (or the last block), else the text."""
     text = answer.get('code', answer) if isinstance(answer, dict) else str(answer)
-    blocks = re.findall(r'```(?:python|py)?\n(.*?)```', text, flags=re.S) or [text]
+    blocks = code_blocks(text) or [text]
     defining = [b for b in blocks if entry_point and re.search(rf'def\s+{re.escape(entry_point)}\s*\(', b)]
     return (defining or blocks)[-1]
 
 
-# One sandbox per scorer program: each run() is a fresh fork of it, so nothing leaks from one sample to the next, and a
-# hanging or hostile input costs that one sample (killed at its timeout, scored 0), never the caller.
-_BOXES, _BOXES_LOCK = {}, threading.Lock()
 _HARNESS = """def run_program(src):
     exec(compile(src, 'candidate.py', 'exec'), {'__name__': 'candidate'})  # not __main__: skip demo/input() blocks
     return True
@@ -182,13 +184,10 @@ _HARNESS = """def run_program(src):
 
 
 def sandboxed(code, entry, arg, timeout, preimport=()):
-    """entry(arg) of `code`, run in a fresh fork of the shared sandbox for that code: a sandbox.Outcome."""
-    with _BOXES_LOCK:  # one cold start per process, not one per sample (0.2 s each, 10x the tests themselves)
-        if code not in _BOXES:
-            import atexit, sandbox  # benchmarks -> sandbox, never the other way (DESIGN.md)
-            _BOXES[code] = sandbox.Sandbox(code, filename='scorer.py', preimport=preimport)
-            atexit.register(_BOXES[code].close)
-    return _BOXES[code].run(entry, arg, timeout=timeout)
+    """entry(arg) of `code`, in a fresh fork of the process-wide sandbox for that code (a hanging or hostile input
+    costs that one sample, killed at its timeout and scored 0, never the caller): a sandbox.Outcome."""
+    import sandbox  # benchmarks -> sandbox, never the other way (DESIGN.md)
+    return sandbox.shared(code, filename='scorer.py', preimport=preimport).run(entry, arg, timeout=timeout)
 
 
 def run_tests(program, timeout=10.0):
