@@ -185,6 +185,18 @@ def test_near_copy_ignores_comments_and_whitespace():
     assert w4s.near_copy(copy, archive) == "cot"
 
 
+def test_near_copy_sees_through_dead_code_after_return():
+    archive = [dict(name="cot", code=w4s.SEED_WORKFLOWS["cot"])]
+    dead = w4s.SEED_WORKFLOWS["cot"] + "    reply = agent.call_llm('Check: ' + task)\n    return reply.strip()\n"
+    assert w4s.near_copy(dead, archive) == "cot"
+
+
+def test_a_workflow_holding_the_skeletons_placeholder_fails_the_prescreen():
+    pasted = "def solver(agent, task):\n    return agent.call_llm('" + w4s.PLACEHOLDER + ": ...) ' + task)\n"
+    _, status, reason = w4s.prescreen(f"```python\n{pasted}```", [], {"question": "Compute 1 + 2."}, timeout=10)
+    assert status == "broken" and "placeholder" in reason
+
+
 def test_near_copy_lets_real_edits_through():
     archive = [dict(name="cot", code=w4s.SEED_WORKFLOWS["cot"])]
     assert w4s.near_copy(w4s.SEED_WORKFLOWS["self_refine"], archive) is None

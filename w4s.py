@@ -307,8 +307,9 @@ def solver(agent, task):
     return result"""
 # A skeleton, not a description: measured on one logged state, 10 samples of the 0.5B each, it took the replies that
 # pass the free pre-screen from 0 to 2 (analysis-only replies from 6 to 4).
+PLACEHOLDER = "(your new workflow"  # a workflow that still holds this pasted the skeleton: the pre-screen rejects it
 OUTPUT_FORMAT = ("Reply in this shape and stop after the block:\nAnalysis: (at most 5 sentences: what the failing cases "
-                 "have in common, and what you change)\n```python\ndef solver(agent, task):\n    (your new workflow: "
+                 f"have in common, and what you change)\n```python\ndef solver(agent, task):\n    {PLACEHOLDER}: "
                  "calls to agent.call_llm and agent.execute_code)\n    return answer\n```")
 NEXT_TURN = "Write an improved workflow, in the same shape: Analysis, then one ```python block defining solver."
 
@@ -437,11 +438,19 @@ def extract_workflow(reply):
 
 
 def normalized(code):
-    """Code without comments, docstring formatting or whitespace differences, for near-copy detection."""
+    """Code as it runs: without comments, docstring formatting, whitespace, or statements after a return or raise
+    (a seed with dead code appended is still the seed), for near-copy detection."""
     try:
-        return ast.unparse(ast.parse(code))
+        tree = ast.parse(code)
     except SyntaxError:
         return code
+    for node in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            body = getattr(node, field, None)
+            if isinstance(body, list):
+                end = next((i for i, s in enumerate(body) if isinstance(s, (ast.Return, ast.Raise))), len(body))
+                body[end + 1:] = []
+    return ast.unparse(tree)
 
 
 def near_copy(code, archive, threshold=0.95):
@@ -471,6 +480,8 @@ def prescreen(reply, archive, example, timeout):
     copied = near_copy(code, archive)
     if copied:
         return code, "near-copy", f"near-copy of {copied}"
+    if PLACEHOLDER in code:
+        return code, "broken", "the workflow still holds the output format's placeholder text; write real code"
     with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
         dry = box.run("__w4s_main__", example["question"], rpc=fake_agent_rpc, timeout=min(timeout, 10),
                       max_calls=MAX_CALLS)
