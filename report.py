@@ -1,4 +1,5 @@
-"""Render a W4S run directory as one self-contained report.html, and several runs as one comparison page.
+"""What a W4S run leaves on disk: trajectory.jsonl (Trajectory: append + fsync, safe to --resume), curve.png, and
+report.html, one self-contained page per run, plus a comparison page for several runs.
 
 write_report(run_dir) reads report.json, trajectory.jsonl and curve.png (written by w4s.py) and writes
 RUN_DIR/report.html: the run summary and seed-vs-best scores, the optimisation curve, then one expandable row per
@@ -14,6 +15,7 @@ import difflib
 import html
 import json
 import os
+import threading
 from urllib.parse import quote
 
 from pygments import highlight
@@ -197,6 +199,84 @@ def action_row(row, codes):
         body.append(f"<h3>the meta-agent's first reply, before self-debug</h3><pre>{esc(row['first_action'])}</pre>")
     return (f"<details class='act{' chosen' if chosen else ''}'><summary class='grid'>{summary}</summary>"
             f"<div class='body'>{''.join(body)}</div></details>")
+
+
+class Trajectory:
+    """Append + fsync of whole lines. A --resume replays the run from the cache, so the same rows come again in the
+    same order: a row equal to the line already on disk is skipped (lines written before a kill are never lost), a
+    torn last line (kill -9 mid-write) is dropped, and the first row that differs replaces the rest of the file."""
+
+    def __init__(self, path, resume=False, log=None):
+        self.lock = threading.Lock()
+        self.old, self.offsets, self.i, end = [], [], 0, 0
+        if resume and os.path.exists(path):
+            with open(path, "rb") as f:
+                lines = f.read().splitlines(keepends=True)
+            for n, line in enumerate(lines, 1):
+                try:
+                    whole = line.endswith(b"\n") and isinstance(json.loads(line), dict)
+                except ValueError:
+                    whole = False
+                if not whole:
+                    (log or print)(f"trajectory.jsonl: dropped a torn line {n} of {len(lines)} (a kill mid-write)")
+                    break
+                self.old.append(line)
+                self.offsets.append(end)
+                end += len(line)
+            self.f = open(path, "r+b")
+            self.f.truncate(end)
+            self.f.seek(end)
+        else:
+            self.f = open(path, "wb")  # a new run starts the file anew
+
+    def write(self, row):
+        line = (json.dumps(row) + "\n").encode("utf-8")
+        with self.lock:
+            if self.i < len(self.old):
+                if self.old[self.i] == line:  # already on disk from before the interruption
+                    self.i += 1
+                    return
+                self.f.seek(self.offsets[self.i])  # the replay differs from here on: it wins
+                self.f.truncate()
+                self.old = self.old[:self.i]
+            self.f.write(line)
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.i += 1
+
+    def finish(self):
+        """The run ended normally: rows beyond what it wrote (from an older, longer attempt) are stale."""
+        with self.lock:
+            if self.i < len(self.old):
+                self.f.seek(self.offsets[self.i])
+                self.f.truncate()
+                self.old = self.old[:self.i]
+            self.f.flush()
+            os.fsync(self.f.fileno())
+
+
+def plot_curve(out, report):
+    if not report["seeds"]:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    hist = report["history"]
+    for h in hist:
+        ax.scatter([h["iteration"]] * len([a for a in h["accuracies"] if a is not None]),
+                   [a for a in h["accuracies"] if a is not None], color="lightgray", s=12)
+    ax.plot([h["iteration"] for h in hist], [h["chosen"] for h in hist], "o-", label="chosen (best of m)")
+    ax.step([0] + [h["iteration"] for h in hist], [max(s["val"] for s in report["seeds"].values())] +
+            [h["best"] for h in hist], where="post", label="best so far")
+    for i, (name, s) in enumerate(report["seeds"].items()):
+        ax.axhline(s["val"], ls="--", lw=0.8, color=f"C{i + 2}", label=f"seed {name}")
+    ax.set(xlabel="iteration", ylabel="validation accuracy", title=f"W4S on {report['task']}", ylim=(-0.02, 1.02))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curve.png"), dpi=110)
+    plt.close(fig)
 
 
 def write_atomic(path, text):

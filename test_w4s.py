@@ -193,6 +193,20 @@ def test_near_copy_ignores_comments_and_whitespace():
     assert w4s.near_copy(copy, archive) == "cot"
 
 
+@pytest.mark.parametrize("code,expected", [
+    ("def solution():\n    return 6 * 7", "42"),                                # solution()'s value wins
+    ("print(1)\nprint(2)", "2"),                                                # else the last printed line
+    ("import sympy\ndef solution():\n    return sympy.Rational(1, 3)", "\\frac{1}{3}"),  # sympy as LaTeX
+])
+def test_execute_code_returns_what_the_snippet_computed(code, expected):
+    assert w4s.agent_rpc(None, 10)("execute_code", {"code": code}) == expected
+
+
+def test_execute_code_errors_show_the_snippets_own_line():
+    out = w4s.agent_rpc(None, 10)("execute_code", {"code": "x = 1\n1 / 0"})
+    assert out.startswith("Error:") and 'File "snippet.py", line 2' in out and "ZeroDivisionError" in out
+
+
 def test_near_copy_sees_through_dead_code_after_return():
     archive = [dict(name="cot", code=w4s.SEED_WORKFLOWS["cot"])]
     dead = w4s.SEED_WORKFLOWS["cot"] + "    reply = agent.call_llm('Check: ' + task)\n    return reply.strip()\n"
@@ -1473,7 +1487,7 @@ def test_resume_drops_a_torn_last_line_and_keeps_the_whole_ones(tmp_path):
     path = tmp_path / "trajectory.jsonl"
     path.write_bytes(b'{"sample": 0}\n{"sample": 1}\n{"sample": 2, "act')
     logs = []
-    t = w4s.Trajectory(str(path), resume=True, log=logs.append)
+    t = report.Trajectory(str(path), resume=True, log=logs.append)
     t.write({"sample": 0})
     t.write({"sample": 1})
     assert path.read_bytes() == b'{"sample": 0}\n{"sample": 1}\n' and "torn line 3" in logs[0]
@@ -1485,7 +1499,7 @@ def test_resume_drops_a_torn_last_line_and_keeps_the_whole_ones(tmp_path):
 def test_resume_that_diverges_replaces_the_rest_of_the_trajectory(tmp_path):
     path = tmp_path / "trajectory.jsonl"
     path.write_bytes(b'{"sample": 0}\n{"sample": 1}\n{"sample": 2}\n')
-    t = w4s.Trajectory(str(path), resume=True)
+    t = report.Trajectory(str(path), resume=True)
     t.write({"sample": 0})
     t.write({"sample": 9})
     t.finish()

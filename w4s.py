@@ -33,6 +33,7 @@ import concurrent.futures as cf
 import contextlib
 import dataclasses
 import difflib
+import inspect
 import json
 import os
 import random
@@ -149,12 +150,11 @@ agent.execute_code(code, timeout=10) -> str
     Run Python code that defines solution() (or prints its answer) in a sandbox; returns the result as a string,
     or a string starting with "Error:"."""
 
-# execute_code runs a model-written snippet in a fresh fork of one warm sandbox: solution()'s value wins, else the
-# last printed line (the 1.5B executor rarely defines solution() as asked); sympy results become LaTeX for MATH.
-SNIPPET_HARNESS = """
-import contextlib, io, linecache, traceback
-
-def run_snippet(src):
+def snippet_harness(src):
+    """execute_code, inside the sandbox (this function's source is what runs there, in a fresh fork of one warm
+    sandbox per process): solution()'s value wins, else the last printed line (the 1.5B executor rarely defines
+    solution() as asked); sympy results become LaTeX for MATH."""
+    import contextlib, io, linecache, traceback
     out, env = io.StringIO(), {"__name__": "__main__"}
     linecache.cache["snippet.py"] = (len(src), None, src.splitlines(True), "snippet.py")  # traceback shows its lines
     try:
@@ -171,11 +171,11 @@ def run_snippet(src):
         import sympy
         return sympy.latex(value)
     return str(value)
-"""
+
+
 def run_snippet(code, timeout):
-    """One cold start per process (~0.1 s), then a fork per snippet (~3 ms)."""
-    out = sandbox.shared(SNIPPET_HARNESS, filename="harness.py", preimport=("sympy",)).run("run_snippet", code,
-                                                                                          timeout=timeout)
+    harness = sandbox.shared(inspect.getsource(snippet_harness), filename="harness.py", preimport=("sympy",))
+    out = harness.run("snippet_harness", code, timeout=timeout)
     return str(out.value) if out.ok else f"Error: {out.error}"
 
 
@@ -753,61 +753,8 @@ def score_on_test(run, executor, seed_archive, best, log):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 9. Outputs: trajectory.jsonl (append + fsync, whole lines), report.json (atomic), best_workflow.py, curve.png
-
-class Trajectory:
-    """Append + fsync of whole lines. A --resume replays the run from the cache, so the same rows come again in the
-    same order: a row equal to the line already on disk is skipped (lines written before a kill are never lost), a
-    torn last line (kill -9 mid-write) is dropped, and the first row that differs replaces the rest of the file."""
-
-    def __init__(self, path, resume=False, log=None):
-        self.lock = threading.Lock()
-        self.old, self.offsets, self.i, end = [], [], 0, 0
-        if resume and os.path.exists(path):
-            with open(path, "rb") as f:
-                lines = f.read().splitlines(keepends=True)
-            for n, line in enumerate(lines, 1):
-                try:
-                    whole = line.endswith(b"\n") and isinstance(json.loads(line), dict)
-                except ValueError:
-                    whole = False
-                if not whole:
-                    (log or print)(f"trajectory.jsonl: dropped a torn line {n} of {len(lines)} (a kill mid-write)")
-                    break
-                self.old.append(line)
-                self.offsets.append(end)
-                end += len(line)
-            self.f = open(path, "r+b")
-            self.f.truncate(end)
-            self.f.seek(end)
-        else:
-            self.f = open(path, "wb")  # a new run starts the file anew
-
-    def write(self, row):
-        line = (json.dumps(row) + "\n").encode("utf-8")
-        with self.lock:
-            if self.i < len(self.old):
-                if self.old[self.i] == line:  # already on disk from before the interruption
-                    self.i += 1
-                    return
-                self.f.seek(self.offsets[self.i])  # the replay differs from here on: it wins
-                self.f.truncate()
-                self.old = self.old[:self.i]
-            self.f.write(line)
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.i += 1
-
-    def finish(self):
-        """The run ended normally: rows beyond what it wrote (from an older, longer attempt) are stale."""
-        with self.lock:
-            if self.i < len(self.old):
-                self.f.seek(self.offsets[self.i])
-                self.f.truncate()
-                self.old = self.old[:self.i]
-            self.f.flush()
-            os.fsync(self.f.fileno())
-
+# 9. Outputs: trajectory rows, report.json (atomic), best_workflow.py; report.py writes the files (trajectory.jsonl,
+#    curve.png, report.html)
 
 def save_report(run, result, status):
     """report.json (atomic) and best_workflow.py from what the loop has yielded so far, plus curve.png."""
@@ -832,7 +779,7 @@ def save_report(run, result, status):
     if best:
         report_html.write_atomic(os.path.join(run.out, "best_workflow.py"), f"# {best['name']}: validation accuracy "
                                  f"{best['val_accuracy']:.3f}\n" + best["code"])
-    plot_curve(run.out, report)
+    report_html.plot_curve(run.out, report)
     return report
 
 
@@ -861,30 +808,6 @@ def turn_summary(record, iterations, eta):
             f"{len(cands)} drawn [{summary}] -> "
             + (f"chose {chosen['acc']:.2f} (reward {chosen['reward']:+.1f})" if chosen else "nothing valid")
             + f"; best {best['val_accuracy']:.2f} ({best['name']}); ETA {eta / 60:.1f} min")
-
-
-def plot_curve(out, report):
-    if not report["seeds"]:
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    hist = report["history"]
-    for h in hist:
-        ax.scatter([h["iteration"]] * len([a for a in h["accuracies"] if a is not None]),
-                   [a for a in h["accuracies"] if a is not None], color="lightgray", s=12)
-    ax.plot([h["iteration"] for h in hist], [h["chosen"] for h in hist], "o-", label="chosen (best of m)")
-    ax.step([0] + [h["iteration"] for h in hist], [max(s["val"] for s in report["seeds"].values())] +
-            [h["best"] for h in hist], where="post", label="best so far")
-    for i, (name, s) in enumerate(report["seeds"].items()):
-        ax.axhline(s["val"], ls="--", lw=0.8, color=f"C{i + 2}", label=f"seed {name}")
-    ax.set(xlabel="iteration", ylabel="validation accuracy", title=f"W4S on {report['task']}", ylim=(-0.02, 1.02))
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "curve.png"), dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1030,7 +953,7 @@ def run_optimization(run, executor, meta):
                              json.dumps(dict(saved_config(run), version=VERSION), indent=1))
     from tqdm import tqdm
     log = lambda msg: tqdm.write(f"[w4s] {msg}", file=sys.stderr)  # noqa: E731 (prints above the progress bars)
-    trajectory = Trajectory(os.path.join(run.out, "trajectory.jsonl"), resume=bool(run.args.resume), log=log)
+    trajectory = report_html.Trajectory(os.path.join(run.out, "trajectory.jsonl"), resume=bool(run.args.resume), log=log)
     if is_local_spec(run.args.meta_agent) and is_local_spec(run.args.executor):
         log(f"offline: local models, meta-agent {run.args.meta_agent} -> executor {run.args.executor} "
             "(set OPENAI_API_KEY or --executor to use an API)")
