@@ -974,7 +974,6 @@ def run_optimization(run, executor, meta):
                 eta = (time.time() - started) / record["iteration"] * (run.args.iterations - record["iteration"])
                 log(turn_summary(record, run.args.iterations, eta))
             save_report(run, result, "running")
-        bar.close()
         if run.test:
             result["test"] = score_on_test(run, executor, result["seeds"], result["best"], log)
     except BudgetExhausted as e:
@@ -989,6 +988,8 @@ def run_optimization(run, executor, meta):
               f"w4s.py --resume {run.out}", file=sys.stderr, flush=True)
         run.pool.shutdown(wait=False, cancel_futures=True)
         return 130 if interrupted else 1
+    finally:
+        bar.close()  # before any last line (an error, how to resume): a bar closed later would be drawn below it
     trajectory.finish()
     report = save_report(run, result, status)
     paid = report["invocation"]["paid"]
