@@ -344,16 +344,19 @@ def rlao_loss(logp, mask, c, n, ref_logp=None, beta=0.0):
 class ActionLogProbs(nn.Module):
     """log pi(token) at action positions only. The vocabulary projection skips the prompt (most of a W4S state) and
     runs on CHUNK action tokens at a time under checkpointing, so no (action tokens x vocabulary) fp32 logits tensor
-    (0.6 GB per 1k tokens over Qwen's 152k vocabulary), nor its log-softmax, is kept for backward.
+    (0.6 GB per 1k tokens over Qwen's 152k vocabulary; 0.16 GB per chunk), nor its log-softmax, is kept for backward.
     Assumes logits = lm_head(last hidden state)."""
-    CHUNK = 512
+    CHUNK = 256
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
     def forward(self, ids, attn, is_action):
-        h = self.lm.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        # no padding in the batch (always so at the default --batch-size 1): no mask, so SDPA may take its fused
+        # causal kernel rather than a masked one
+        mask = None if bool(attn.all()) else attn
+        h = self.lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         pick = is_action[:, 1:]  # the hidden state at t-1 predicts token t
         hp, targets = h[:, :-1][pick], ids[:, 1:][pick]
         head = self.lm.get_output_embeddings()
