@@ -11,20 +11,37 @@ How this file maps onto it, top to bottom:
   w = exp(r/tau), tau = 0.4                            action tokens only, w normalised over the training set
   policy gradient with a group baseline              -> --objective pg: A = r - mean(r of the turn) [/ std], optional
                                                       KL penalty to the initial policy
-  train on some tasks, then optimise with the        -> --rounds R --task T: collect (w4s.py, validation data only,
-  trained meta-agent                                   --test-size 0) -> train -> collect ..., a checkpoint per round
+  train on seen tasks, then optimise an unseen one   -> --rounds R --tasks A,B --eval-task T (run_rounds): measure
+  with the trained meta-agent                          pi_k on T, collect on A and B (w4s.py, validation data only,
+                                                       --test-size 0), train pi_{k+1}, measure again ...
+The measure of a meta-agent on the unseen task, per checkpoint (measure()): the mean reward and best validation gain
+of its evaluated candidates in a short W4S run (fixed seeds, same executor and budget), and the pre-screen pass rate:
+over K sampled actions on each of a fixed set of states, the share that hold a workflow, do not nearly copy one the
+state shows (or a seed) and survive w4s.prescreen's dry run; no executor call, so K x states can be large; Wilson 95%
+CI (it treats the K samples of a state as independent, so it is somewhat narrow when states differ a lot).
+Mixed data of several seen tasks: each task carries an equal share of the loss (task_shares()), whatever its count.
+
+Departures from the paper:
+  - warm-up (--warmup-k, on by default): where a seen task's collection evaluated no action -- an untrained 0.5B
+    rarely writes a new workflow that works, so the paper's reward is missing -- K actions are sampled on each of its
+    states and those that pass the free pre-screen join the training data with reward 0, the reward of an evaluated
+    workflow that improved nothing (rejection-sampling fine-tuning: rwr weights them like plain fine-tuning). Once
+    evaluated candidates exist, they are trained on with the paper's objective and weight (exp(r/tau): a reward-1
+    action weighs e^2.5 = 12x a pre-screen pass); warm-up data of earlier rounds stays in the data.
 The training loop is the usual one: the model's own chat template, length-sorted micro-batches, AdamW with warmup +
-cosine, gradient accumulation and clipping, bf16 with fp32 master weights, optional gradient checkpointing, an
-optional hand-written LoRA (merged into the weights on save), DDP under torchrun, resume from OUT/train_state.pt. The output dir is an HF
-checkpoint (config, tokenizer, model.safetensors) that `python w4s.py --meta-agent hf:OUT` loads.
+cosine, gradient accumulation and clipping, bf16 with fp32 master weights, gradient checkpointing (default), an
+optional hand-written LoRA (merged into the weights on save), DDP or FSDP2 (--fsdp: fully_shard per decoder layer,
+bf16 compute over fp32 sharded weights) under torchrun, resume from OUT/train_state.pt; the peak RSS of each step goes
+to the log. The output dir is an HF checkpoint (config, tokenizer, model.safetensors) that
+`python w4s.py --meta-agent hf:OUT` loads.
 
 Deliberately left out: PPO-style importance ratios and clipping (each round trains once on data its own policy just
 produced, so the data is close to on-policy), a value function, sequence packing (length sorting gets most of the
-padding back, see the log line), FSDP/ZeRO (DDP replicates the model: fine up to ~1.5B on one 80 GB GPU), per-task
-weighting of mixed data, and models whose logits are not a plain linear map of the last hidden state (soft-capping).
+padding back, see the log line), resuming an --fsdp run mid-way, and models whose logits are not a plain linear map
+of the last hidden state (soft-capping).
 """
-import argparse, contextlib, copy, hashlib, json, math, os, random, shlex, subprocess, sys, time
-from collections import defaultdict
+import argparse, contextlib, copy, hashlib, json, math, os, random, re, shlex, subprocess, sys, time
+from collections import Counter, defaultdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,6 +49,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
+
+RECIPE = """Train on seen tasks, measure on an unseen one. E.g., offline on this machine:
+  python rlao.py --rounds 2 --tasks gsm8k,mbpp --eval-task math --init embedded:qwen2.5-coder-0.5b --out runs/rl
+      --w4s-args '--executor embedded:qwen2.5-coder-1.5b --iterations 2 --val-size 8' --steps 20
+Round k: pi_k is measured on the unseen task (the pre-screen pass rate over K sampled actions on fixed states, free;
+a short W4S run, its mean reward and best validation gain), then collects on every seen task, trains pi_{k+1}.
+OUT/rounds.json and the printed table hold the figures per round; OUT/round{k}/ every run, sample and checkpoint."""
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="RLAO trainer for the W4S meta-agent (see the module docstring).",
@@ -52,8 +77,9 @@ def get_args(argv=None):
     a("--val-frac", type=float, default=0.1, help="fraction of runs held out for the validation loss")
     a("--max-len", type=int, default=4096, help="drop examples longer than this many tokens (prompt + action)")
     a("--steps", type=int, default=100, help="optimiser steps")
-    a("--batch-size", type=int, default=4, help="sequences per micro-batch per process")
-    a("--grad-accum", type=int, default=4, help="micro-batches per optimiser step per process")
+    a("--batch-size", type=int, default=1, help="sequences per micro-batch per process (activation memory grows "
+      "with it; W4S states are long)")
+    a("--grad-accum", type=int, default=16, help="micro-batches per optimiser step per process")
     a("--lr", type=float, default=1e-5, help="peak learning rate (try ~2e-4 with --lora-r)")
     a("--warmup", type=int, default=10, help="linear warmup steps, then cosine decay")
     a("--min-lr-frac", type=float, default=0.1, help="final learning rate as a fraction of --lr")
@@ -61,7 +87,11 @@ def get_args(argv=None):
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
     a("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="bf16: bf16 weights and activations, "
       "fp32 master weights in the optimiser; auto: bf16 on CUDA and on CPUs with avx512_bf16/amx, else fp32")
-    a("--grad-ckpt", action="store_true", help="gradient checkpointing: less memory, ~30%% more compute")
+    a("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing: ~30%% more "
+      "compute; without it the 0.5B needs ~4 GB of activations per 3.6k-token sequence")
+    a("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun: weights, gradients and "
+      "optimiser state sharded over processes (the 7B meta-agent does not fit a DDP replica); bf16 compute with "
+      "fp32 sharded master weights; the same checkpoint; no --lora-r, no mid-run --resume")
     a("--lora-r", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
     a("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (update = alpha/r * B A)")
     a("--no-sort", action="store_true", help="random micro-batches instead of length-sorted ones (for comparison)")
@@ -69,9 +99,28 @@ def get_args(argv=None):
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
     a("--resume", action="store_true", help="continue from OUT/train_state.pt if it exists")
     a("--seed", type=int, default=0, help="seed for the split and the batch order")
-    a("--rounds", type=int, default=0, help="R > 0: collect -> train, R times, then a final collect (needs --task)")
-    a("--task", default=None, help="--rounds: the w4s task to collect trajectories on (validation data only)")
-    a("--w4s-args", default="", help="--rounds: extra w4s.py flags for collection, e.g. '--executor ... --iterations 5'")
+    g = p.add_argument_group("seen -> unseen rounds (the paper's transfer experiment)", RECIPE).add_argument
+    g("--rounds", type=int, default=0, help="R > 0: measure pi_0 on --eval-task, then R times: collect on --tasks -> "
+      "train -> measure the new checkpoint")
+    g("--tasks", default=None, help="seen tasks, comma-separated (built-in names or .jsonl files): collected on with "
+      "w4s.py, validation data only, and trained on")
+    g("--eval-task", default=None, help="the unseen task: measured before the first round and after each, never "
+      "trained on")
+    g("--eval-iterations", type=int, default=1, help="turns of the short W4S run on --eval-task per checkpoint (its "
+      "mean reward and best validation gain); 0 = only the pre-screen pass rate")
+    g("--eval-states", nargs="*", default=[], help="w4s runs on --eval-task (dirs or trajectory.jsonl) whose states "
+      "join round 0's in the fixed set the pre-screen pass rate is measured on")
+    g("--screen-k", type=int, default=16, help="K: actions sampled per state for the pre-screen pass rate and the "
+      "warm-up")
+    g("--meta-max-tokens", type=int, default=1024, help="reply budget of each sampled action (as w4s.py's flag)")
+    g("--warmup-k", type=int, default=16, help="warm-up: in a round whose collection on a seen task evaluated no "
+      "action, sample this many actions on each of its states and train on those that pass the pre-screen, with "
+      "reward 0 (rejection-sampling fine-tuning, not in the paper); 0 = off")
+    g("--w4s-args", default="", help="extra w4s.py flags for collection and the unseen-task runs, e.g. '--executor "
+      "... --iterations 2 --val-size 8'")
+    g("--screen", default=None, metavar="FILE", help="instead of training: sample --screen-k actions with --init on "
+      "every state logged in --data, pre-screen them (no executor call), write them to FILE and their pass rate to "
+      "FILE's .summary.json")
     return p.parse_args(argv)
 
 def die(msg):
@@ -81,6 +130,21 @@ def die(msg):
 def load_examples(paths, invalid_reward=None):
     """One example per evaluated action: state messages -> action text, reward, group = (run, iteration). An action
     that never reached evaluation is left out, or kept with `invalid_reward` when one is given."""
+    examples = []
+    for f, n, rec in trajectory_rows(paths):
+        if not isinstance(rec.get("reward"), (int, float)) or not rec.get("action") or not rec.get("messages"):
+            continue  # nothing to learn from (no reward, or the meta-agent produced no reply)
+        evaluated = rec.get("val_accuracy") is not None or rec.get("warmup_pass", False)
+        if not evaluated and invalid_reward is None:
+            continue
+        run = str(rec.get("run", f))
+        reward = float(rec["reward"]) if evaluated else invalid_reward
+        examples.append(dict(messages=rec["messages"], action=rec["action"], reward=reward, task=rec.get("task"),
+                             run=run, group=(run, rec.get("iteration", f"line{n}"))))
+    return examples
+
+def trajectory_rows(paths):
+    """(file, line number, row) of every trajectory.jsonl under these run dirs / files."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -92,25 +156,14 @@ def load_examples(paths, invalid_reward=None):
             files.append(p)
         else:
             die(f"no such file or directory: {p}")
-    examples = []
     for f in files:
         for n, line in enumerate(open(f, encoding="utf-8"), 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield f, n, json.loads(line)
             except json.JSONDecodeError as e:
                 die(f"{f}:{n}: not a JSON line ({e.msg})")
-            if not isinstance(rec.get("reward"), (int, float)) or not rec.get("action") or not rec.get("messages"):
-                continue  # nothing to learn from (no reward, or the meta-agent produced no reply)
-            evaluated = rec.get("val_accuracy") is not None
-            if not evaluated and invalid_reward is None:
-                continue
-            run = str(rec.get("run", f))
-            reward = float(rec["reward"]) if evaluated else invalid_reward
-            examples.append(dict(messages=rec["messages"], action=rec["action"], reward=reward,
-                                 run=run, group=(run, rec.get("iteration", f"line{n}"))))
-    return examples
 
 def group_advantages(examples, use_std=False):
     """A_i = r_i - mean(r of the m samples of i's turn) [/ std]; computed before any --keep filtering."""
@@ -136,6 +189,12 @@ def keep_examples(examples, keep):
         return list(best.values())
     return examples
 
+def task_shares(tasks):
+    """Per-task weighting of mixed data: each task's examples carry an equal share of the loss, whatever its count
+    (a task whose runs produced many actions must not drown out the others): factor N / (T * N_task)."""
+    counts = Counter(tasks)
+    return {t: len(tasks) / (len(counts) * n) for t, n in counts.items()}
+
 def split_by_run(examples, val_frac, seed):
     """Hold out whole runs, so validation states never share an archive with training states."""
     runs = sorted({e["run"] for e in examples})
@@ -151,7 +210,8 @@ def encode(tok, ex, max_len):
     ids = p_ids + tok(ex["action"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     if len(ids) > max_len:
         return None
-    return dict(ids=ids, n_prompt=len(p_ids), reward=ex["reward"], advantage=ex.get("advantage", 0.0))
+    return dict(ids=ids, n_prompt=len(p_ids), reward=ex["reward"], advantage=ex.get("advantage", 0.0),
+                task=ex.get("task"))
 
 def make_batches(lengths, batch_size, seed, sort=True):
     """Micro-batches of similar length (little compute goes to padding), visited in random order."""
@@ -178,6 +238,86 @@ def collate(items, pad_id, device):
         ids[b, :L], attn[b, :L], is_action[b, x["n_prompt"]:L] = torch.tensor(x["ids"]), 1, True
     return ids.to(device), attn.to(device), is_action.to(device)
 
+# ------------------------------------------------------------------------------------- the free pre-screen (no executor)
+def load_states(paths):
+    """The distinct meta-agent states logged in these w4s runs, each with what w4s.prescreen needs: the workflows the
+    state shows (a reply that nearly copies one of them, or a seed, is a near-copy) and the run's first validation
+    question (for the dry run, as w4s.py does)."""
+    import w4s
+    states, examples = {}, {}
+    for f, _, rec in trajectory_rows(paths):
+        key = json.dumps(rec.get("messages"))
+        if not rec.get("messages") or key in states:
+            continue
+        if f not in examples:
+            examples[f] = first_val_example(f.parent / "config.json")
+        shown = [b for m in rec["messages"] for b in re.findall(r"```python\n(.*?)\n```", m["content"], re.S)]
+        known = [dict(name="a seed", code=c) for c in w4s.SEED_WORKFLOWS.values()] + \
+                [dict(name="a workflow the state shows", code=c) for c in shown]
+        states[key] = dict(messages=rec["messages"], task=rec.get("task"), known=known, example=examples[f])
+    return list(states.values())
+
+def first_val_example(config_file):
+    """cfg.val[0] of the w4s run that wrote config_file: the same fixed validation sample w4s.py draws."""
+    import benchmarks
+    cfg = json.loads(config_file.read_text())
+    val = benchmarks.get_task(cfg["task"], cfg.get("scorer"), cfg.get("description")).load("val")
+    return random.Random(cfg["seed"]).sample(val, min(cfg["val_size"], len(val)))[0]
+
+def sample_and_screen(spec, states, k, max_tokens):
+    """K sampled actions on each state (temperature 0.7, sample seeds 0..K-1, through w4s's LLM class: any meta-agent
+    spec, cached), each pre-screened against the state's workflows only (not against its sibling samples, so each
+    action's status is its own). Returns one row per action in trajectory.jsonl's shape, status None if it passed."""
+    import llm, w4s
+    meta = llm.LLM(spec, "meta_agent", llm.Ledger(), llm.Cache(os.path.join(llm.CACHE_ROOT, "calls.sqlite")))
+
+    def one(job):
+        s, j = job
+        reply = meta.chat(s["messages"], temperature=0.7, max_tokens=max_tokens, sample=j, stop=w4s.META_STOP)
+        code, status, reason = w4s.prescreen(reply, s["known"], s["example"], timeout=10)
+        return dict(task=s["task"], messages=s["messages"], action=reply, sample=j, status=status, reason=reason,
+                    reward=0.0, warmup_pass=status is None)
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(32) as pool:  # a local model batches them (llm.LocalEngine): one prefill per state
+        return list(pool.map(one, [(s, j) for s in states for j in range(k)]))
+
+def wilson(passed, n, z=1.96):
+    """95% Wilson score interval of a pass rate (treats the K samples of a state as independent)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, d = passed / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+def screen_summary(rows):
+    passed = sum(r["status"] is None for r in rows)
+    lo, hi = wilson(passed, len(rows))
+    return dict(pass_rate=passed / max(1, len(rows)), ci=[round(lo, 4), round(hi, 4)], passed=passed, n=len(rows),
+                states=len({json.dumps(r["messages"]) for r in rows}),
+                status=dict(sorted(Counter(r["status"] or "passed" for r in rows).items())))
+
+def run_screen(args):
+    """--screen FILE: sample --screen-k actions on every state logged in --data, pre-screen them, write the rows."""
+    states = load_states(args.data)
+    if not states:
+        die(f"no meta-agent states in {args.data}")
+    t0 = time.time()
+    rows = sample_and_screen(args.init, states, args.screen_k, args.meta_max_tokens)
+    summary = dict(screen_summary(rows), seconds=round(time.time() - t0, 1), peak_rss_gib=peak_rss_gib())
+    with open(args.screen, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(dict(r, run=f"screen:{args.init}", iteration=f"state{i // args.screen_k}")) + "\n"
+                     for i, r in enumerate(rows))
+    Path(args.screen).with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"rlao: pre-screen pass rate of {args.init}: {summary['passed']}/{summary['n']} = {summary['pass_rate']:.3f} "
+          f"[{summary['ci'][0]:.3f}, {summary['ci'][1]:.3f}] over {summary['states']} states x {args.screen_k}; "
+          f"{summary['status']}; {summary['seconds']:.0f} s, peak RSS {summary['peak_rss_gib']} GiB", flush=True)
+    return summary
+
+def peak_rss_gib():
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
 # ----------------------------------------------------------------------------------------------------------- loss
 def rwr_weights(rewards, tau):
     """w_i = exp(r_i/tau), normalised to mean 1 over the whole training set. (Normalising inside each batch would
@@ -202,19 +342,29 @@ def rlao_loss(logp, mask, c, n, ref_logp=None, beta=0.0):
     return loss / n
 
 class ActionLogProbs(nn.Module):
-    """log pi(token) at action positions only. The vocabulary projection skips the prompt (most of a W4S state),
-    which saves compute and the B x T x V logits tensor. Assumes logits = lm_head(last hidden state)."""
+    """log pi(token) at action positions only. The vocabulary projection skips the prompt (most of a W4S state) and
+    runs on CHUNK action tokens at a time under checkpointing, so no (action tokens x vocabulary) fp32 logits tensor
+    (0.6 GB per 1k tokens over Qwen's 152k vocabulary; 0.16 GB per chunk), nor its log-softmax, is kept for backward.
+    Assumes logits = lm_head(last hidden state)."""
+    CHUNK = 256
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
     def forward(self, ids, attn, is_action):
-        h = self.lm.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        # no padding in the batch (always so at the default --batch-size 1): no mask, so SDPA may take its fused
+        # causal kernel rather than a masked one
+        mask = None if bool(attn.all()) else attn
+        h = self.lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         pick = is_action[:, 1:]  # the hidden state at t-1 predicts token t
-        logits = self.lm.get_output_embeddings()(h[:, :-1][pick]).float()
+        hp, targets = h[:, :-1][pick], ids[:, 1:][pick]
+        head = self.lm.get_output_embeddings()
+        token_logp = lambda x, y: -F.cross_entropy(head(x).float(), y, reduction="none")
+        parts = [torch.utils.checkpoint.checkpoint(token_logp, hp[i:i + self.CHUNK], targets[i:i + self.CHUNK],
+                                                   use_reentrant=False) for i in range(0, len(hp), self.CHUNK)]
         logp = h.new_zeros(pick.shape, dtype=torch.float32)
-        logp[pick] = -F.cross_entropy(logits, ids[:, 1:][pick], reduction="none")
+        logp[pick] = torch.cat(parts) if parts else logp[pick]
         return logp, pick.float()
 
 # ----------------------------------------------------------------------------------------------------------- LoRA
@@ -280,11 +430,12 @@ def load_policy(spec):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     return AutoModelForCausalLM.from_pretrained(spec[3:], dtype=torch.float32), AutoTokenizer.from_pretrained(spec[3:])
 
-def save_checkpoint(model, tok, out, dtype=torch.bfloat16):
-    """HF-format dir: config.json, tokenizer files, model.safetensors (LoRA merged, stored in bf16)."""
+def save_checkpoint(model, tok, out, dtype=torch.bfloat16, state_dict=None):
+    """HF-format dir: config.json, tokenizer files, model.safetensors (LoRA merged, stored in bf16). --fsdp passes
+    the gathered full state dict: the same format."""
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in merged_state_dict(model).items()}
+    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in (state_dict or merged_state_dict(model)).items()}
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # safetensors refuses shared tensors; from_pretrained re-ties it
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -294,6 +445,34 @@ def save_checkpoint(model, tok, out, dtype=torch.bfloat16):
     config.dtype = dtype
     config.save_pretrained(out)
     tok.save_pretrained(out)
+
+def step_one_at_a_time(opt, master, params, grad_clip):
+    """The optimiser step over fp32 master weights, one parameter at a time: its fp32 gradient exists only while
+    AdamW steps it (all of them at once were 2.5 GB of the 0.5B's 14 GB peak), then the bf16 weight takes the new
+    value. The same update as clipping all master gradients and one opt.step(): AdamW treats parameters apart."""
+    norm = torch.stack([p.grad.float().norm() for p in params if p.grad is not None]).norm()
+    coef = min(1.0, grad_clip / (norm.item() + 1e-6)) if grad_clip > 0 else 1.0  # as clip_grad_norm_
+    for m, p in zip(master, params):
+        if p.grad is None:
+            continue
+        m.grad, p.grad = p.grad.float().mul_(coef), None
+        opt.step()  # steps only the parameters that have a gradient: this one
+        m.grad = None
+        p.data.copy_(m)
+
+def shard(policy, model, bf16):
+    """FSDP2: each decoder layer is its own unit (its weights are gathered just before use and freed after), the
+    rest (embeddings, final norm, head) is the root's; bf16 compute, fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for layer in model.base_model.layers:
+        fully_shard(layer, mp_policy=mp)
+    return fully_shard(policy, mp_policy=mp)
+
+def full_tensor(t):
+    """The whole tensor on CPU: an FSDP2 shard (DTensor) is gathered from every rank (a collective), else as is."""
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
 
 def setup_distributed():
     """Under torchrun: one process per GPU (nccl) or per CPU slot (gloo). Returns rank, world size, device."""
@@ -347,16 +526,20 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     bf16 = use_bf16(args.precision, device)
-    model.to(device, torch.bfloat16 if bf16 else torch.float32).train()
+    if args.fsdp and (args.lora_r or not dist.is_initialized()):
+        die("--fsdp runs under torchrun (even --nproc_per_node 1) and trains all weights (no --lora-r)")
+    # FSDP2 keeps the fp32 weights sharded (they are the master weights) and computes in bf16 (MixedPrecisionPolicy)
+    model.to(device, torch.bfloat16 if bf16 and not args.fsdp else torch.float32).train()
     ref = copy.deepcopy(model).eval().requires_grad_(False) if args.kl > 0 and not args.lora_r else None
+    policy = ActionLogProbs(model)
+    ddp = shard(policy, model, bf16) if args.fsdp else nn.parallel.DistributedDataParallel(
+        policy, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else policy
     trainable_named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable_named]
     # bf16: the optimiser steps fp32 master copies (a bf16 weight would round most small updates away); on these
     # CPUs pure bf16 trains several times faster than fp32 or autocast over fp32
-    master = [p.detach().float().clone() for p in params] if bf16 else params
-    policy = ActionLogProbs(model)
-    ddp = nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else policy
+    copies = bf16 and not args.fsdp
+    master = [p.detach().float().clone() for p in params] if copies else params
 
     # 3. tokenise with the chat template; length-sorted micro-batches
     enc = lambda exs: [x for x in (encode(tok, e, args.max_len) for e in exs) if x is not None]
@@ -365,19 +548,22 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
         die(f"no training examples left (all {len(train_ex)} longer than --max-len {args.max_len}?)")
     lengths = [len(x["ids"]) for x in data]
     c = rwr_weights([x["reward"] for x in data], args.tau) if args.objective == "rwr" else [x["advantage"] for x in data]
+    share = task_shares([x["task"] for x in data])
     for x, ci in zip(data, c):
-        x["c"] = float(ci)
+        x["c"] = float(ci) * share[x["task"]]
     pads = [padding_fraction(make_batches(lengths, args.batch_size, args.seed, s), lengths) for s in (True, False)]
     log(f"rlao: {len(data)} train / {len(val)} val examples ({len(examples)} loaded, {len(kept)} kept by --keep "
         f"{args.keep}, {len(train_ex) + len(val_ex) - len(data) - len(val)} too long); mean length "
         f"{sum(lengths) / len(lengths):.0f} tokens; padding {pads[0]:.1%} length-sorted vs {pads[1]:.1%} random; "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable params; {'bf16' if bf16 else 'fp32'} on {device}, "
-        f"{world} process(es)")
+        f"{world} process(es){', FSDP2' if args.fsdp else ''}")
 
     # 4. optimiser; resume
     opt = torch.optim.AdamW(master, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     start = 0
     if state:
+        if state["optimizer"] is None:
+            die(f"{state_file} is from an --fsdp run stopped mid-way: resuming one is not supported (start anew)")
         for m, p, v in zip(master, params, state["trainable"].values()):
             m.data.copy_(v)
             p.data.copy_(v)
@@ -411,10 +597,12 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
         return (tot[0] / tot[1].clamp(min=1)).item()
 
     def save(step):
+        full = {k: full_tensor(v) for k, v in model.state_dict().items()} if args.fsdp else None  # all ranks gather
         if rank == 0:
-            save_checkpoint(model, tok, out)
-            torch.save(dict(step=step, optimizer=opt.state_dict(), args=vars(args),
-                            trainable={k: m.detach().cpu() for (k, _), m in zip(trainable_named, master)}),
+            save_checkpoint(model, tok, out, state_dict=full)
+            torch.save(dict(step=step, optimizer=None if args.fsdp else opt.state_dict(), args=vars(args),
+                            trainable={k: full[k] if full else m.detach().cpu()
+                                       for (k, _), m in zip(trainable_named, master)}),
                        state_file)
         if world > 1:
             dist.barrier()
@@ -437,7 +625,10 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
         for k, j in enumerate(mine):
             batch = collate([data[i] for i in mbs[j]], pad_id, device)
             c = torch.tensor([data[i]["c"] for i in mbs[j]], device=device)
-            sync = ddp.no_sync() if world > 1 and k < len(mine) - 1 else contextlib.nullcontext()
+            last_mb = k == len(mine) - 1
+            if args.fsdp:  # reduce-scatter the gradients once per step, on the last micro-batch
+                ddp.set_requires_gradient_sync(last_mb)
+            sync = ddp.no_sync() if world > 1 and not args.fsdp and not last_mb else contextlib.nullcontext()
             with sync:
                 logp, mask = ddp(*batch)
                 ref_logp = None
@@ -448,26 +639,25 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
                 (loss * world).backward()  # DDP averages gradients over processes; the step's loss is their sum
             step_loss += loss.detach()
             n_tok += int(batch[1].sum())
-        if bf16:
-            for m, p in zip(master, params):
-                m.grad, p.grad = p.grad.float(), None
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(master, args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if bf16:
-            for m, p in zip(master, params):
-                p.data.copy_(m)
+        if copies:
+            step_one_at_a_time(opt, master, params, args.grad_clip)
+        else:
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(master, args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if world > 1:
             dist.all_reduce(step_loss)
         tok_s = n_tok * world / (time.time() - t0)  # this step's (prompt + action) tokens, all processes
-        rec = dict(step=step + 1, loss=step_loss.item(), lr=lr_at(step), tok_s=round(tok_s, 1))
+        rec = dict(step=step + 1, loss=step_loss.item(), lr=lr_at(step), tok_s=round(tok_s, 1),
+                   peak_rss_gib=peak_rss_gib())
         if device.type == "cuda":
             rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         last = step + 1 == args.steps
         if (args.eval_every and (step + 1) % args.eval_every == 0) or last:
             rec["val_nll"] = val_nll()
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{rec['lr']:.2e}")
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{rec['lr']:.2e}",
+                        rss=f"{rec['peak_rss_gib']}G")
         if logf:
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
@@ -476,44 +666,122 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
         if (args.save_every and (step + 1) % args.save_every == 0) or last:
             save(step + 1)
     if world > 1:  # a cheap guard against silent desynchronisation
-        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in params)).hexdigest()[:16]
+        digest = hashlib.sha256(b"".join(full_tensor(p).numpy().tobytes() for p in params)).hexdigest()[:16]
         digests = [None] * world
         dist.all_gather_object(digests, digest)
         log(f"rlao: ranks agree on weights: {len(set(digests)) == 1} ({digest})")
-    log(f"rlao: saved {out} (use --meta-agent hf:{out})")
+    log(f"rlao: saved {out} (use --meta-agent hf:{out}); peak RSS of this process {peak_rss_gib()} GiB"
+        + (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""))
 
 def run_rounds(args, rank, world, device):
-    """--rounds R: collect with the current meta-agent -> train on everything collected so far -> collect again."""
-    if not args.task:
-        die("--rounds needs --task (the w4s task to collect trajectories on)")
-    policy, data, history = args.init, list(args.data), []
+    """--rounds R, the seen -> unseen experiment. Each policy pi_0 (= --init), ..., pi_R is first measured on the
+    unseen --eval-task (never trained on); then, for k < R: collect with pi_k on every seen task (w4s.py, validation
+    data only) -> [warm-up: sample and pre-screen where no action was evaluated] -> train pi_{k+1} on everything so far.
+    Every model runs in a process of its own (w4s.py, rlao.py --screen), so it leaves memory before training."""
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    if not tasks or not args.eval_task:
+        die("--rounds needs --tasks (seen tasks, comma-separated) and --eval-task (the unseen task)")
+    if args.eval_task in tasks:
+        die(f"--eval-task {args.eval_task} is also in --tasks: the unseen task must never be trained on")
+    out, policy, data, history = Path(args.out), args.init, list(args.data), []
     for k in range(args.rounds + 1):
-        coll = Path(args.out) / f"round{k}" / "collect"
-        if rank == 0 and not list(coll.rglob("trajectory.jsonl")):  # never the test split: --test-size 0
-            # w4s.py in a process of its own: its models (executor and meta-agent) leave memory before training
-            rc = subprocess.run([sys.executable, str(Path(__file__).with_name("w4s.py"))] + shlex.split(args.w4s_args)
-                                + ["--task", args.task, "--meta-agent", policy, "--test-size", "0", "--out", str(coll)]
-                                ).returncode
-            if rc:
-                die(f"w4s collection for round {k} failed (exit code {rc})")
-        if world > 1:
-            dist.barrier()
-        rewards = [e["reward"] for e in load_examples([coll], invalid_reward=0.0)]  # every action, as logged
-        history.append(dict(round=k, policy=policy, actions=len(rewards),
-                            mean_reward=sum(rewards) / max(1, len(rewards))))
+        rec, rdir = dict(round=k, policy=policy), out / f"round{k}"
         if rank == 0:
-            print(f"rlao: round {k}: {len(rewards)} actions by {policy}, mean reward "
-                  f"{history[-1]['mean_reward']:.3f}", flush=True)
-        if k == args.rounds:
-            break
-        data.append(str(coll))
-        ckpt = Path(args.out) / f"round{k}" / "policy"
-        train(argparse.Namespace(**{**vars(args), "data": data, "init": policy, "out": str(ckpt), "resume": True}),
-              rank, world, device)
-        policy = f"hf:{ckpt}"
-    if rank == 0:
-        (Path(args.out) / "rounds.json").write_text(json.dumps(history, indent=1))
-        print("rlao: mean reward per round: " + ", ".join(f"{h['mean_reward']:.3f}" for h in history))
+            rec["eval"] = measure(args, policy, rdir, fixed_states=[*args.eval_states, out / "round0" / "eval"])
+        if k < args.rounds:
+            rec["collect"], warm = {}, []
+            for task in tasks:  # collection: w4s.py on validation data only (--test-size 0)
+                coll = rdir / "collect" / task_dirname(task)
+                if rank == 0:
+                    t0 = time.time()
+                    w4s_run(args, task, policy, coll, [])
+                    rows = [r for _, _, r in trajectory_rows([coll])]
+                    evaluated = [r["reward"] for r in rows if r.get("val_accuracy") is not None]
+                    rec["collect"][task] = dict(actions=len(rows), evaluated=len(evaluated), seconds=round(time.time() - t0),
+                                                mean_reward=sum(evaluated) / len(evaluated) if evaluated else None)
+                    if not evaluated and args.warmup_k:  # the paper's reward is missing: the pre-screen stands in
+                        warm.append(coll)
+                data.append(str(coll))
+            if warm:  # one process samples on every such task's states
+                t0 = time.time()
+                rec["warmup"] = screen(args, policy, warm, rdir / "warmup" / "trajectory.jsonl", args.warmup_k)
+                rec["warmup"]["seconds"] = round(time.time() - t0)
+            if world > 1:
+                dist.broadcast_object_list(box := [bool(warm)], 0)
+                warm = box[0]
+            if warm:
+                data.append(str(rdir / "warmup"))
+            ckpt, t0 = rdir / "policy", time.time()
+            if keep_examples(load_examples(data, args.invalid_reward), args.keep):
+                train(argparse.Namespace(**{**vars(args), "data": data, "init": policy, "out": str(ckpt),
+                                            "resume": True}), rank, world, device)
+                rec["train"] = dict(seconds=round(time.time() - t0), peak_rss_gib=peak_rss_gib())
+                policy = f"hf:{ckpt}"
+            else:  # nothing evaluated, nothing passed the pre-screen: the next round starts from the same policy
+                rec["train"] = dict(skipped="no action was evaluated or passed the pre-screen")
+        history.append(rec)
+        if rank == 0:
+            (out / "rounds.json").write_text(json.dumps(history, indent=1))
+            print_rounds(history)
+
+def measure(args, policy, rdir, fixed_states):
+    """The two figures of a policy on the unseen task: a short W4S run (mean reward and best validation gain of its
+    evaluated candidates; fixed seeds, same executor and budget each round) and the pre-screen pass rate over
+    --screen-k sampled actions on each of a fixed set of states (--eval-states plus those of round 0's W4S run,
+    whose first is the seed archive state of the unseen task)."""
+    res = {}
+    if args.eval_iterations:
+        t0 = time.time()
+        w4s_run(args, args.eval_task, policy, rdir / "eval", ["--iterations", str(args.eval_iterations)])
+        rows = [r for _, _, r in trajectory_rows([rdir / "eval"])]
+        rewards = [r["reward"] for r in rows if r.get("val_accuracy") is not None]
+        rep = json.loads((rdir / "eval" / "report.json").read_text())
+        best_seed = max(s["val"] for s in rep["seeds"].values())
+        res["w4s"] = dict(evaluated=len(rewards), actions=len(rows), seconds=round(time.time() - t0),
+                          mean_reward=sum(rewards) / len(rewards) if rewards else None,
+                          best_val_gain=rep["best"]["val"] - best_seed)
+    states = [str(p) for p in fixed_states if Path(p).exists()]
+    if not states:
+        die("no states to measure the pre-screen pass rate on: give --eval-states (an earlier w4s run on "
+            "--eval-task) or --eval-iterations > 0")
+    t0 = time.time()
+    res["screen"] = screen(args, policy, states, rdir / "screen.jsonl", args.screen_k)
+    res["screen"]["seconds"] = round(time.time() - t0)
+    return res
+
+def task_dirname(task):
+    return Path(task).stem if task.endswith(".jsonl") else task
+
+def w4s_run(args, task, policy, out, extra):
+    """w4s.py in a process of its own, never the test split; skipped when the run is already there (a rerun)."""
+    if (out / "report.json").exists():
+        return
+    cmd = [sys.executable, str(Path(__file__).with_name("w4s.py")), *shlex.split(args.w4s_args), *extra,
+           "--task", task, "--meta-agent", policy, "--test-size", "0", "--out", str(out)]
+    if subprocess.run(cmd).returncode:
+        die(f"w4s.py failed: {shlex.join(cmd)}")
+
+def screen(args, policy, states, out, k):
+    """rlao.py --screen in a process of its own: k actions on each state, pre-screened; returns the summary."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = out.with_suffix(".summary.json")
+    if not summary.exists():
+        cmd = [sys.executable, __file__, "--screen", str(out), "--init", policy, "--data", *map(str, states),
+               "--screen-k", str(k), "--meta-max-tokens", str(args.meta_max_tokens)]
+        if subprocess.run(cmd).returncode:
+            die(f"pre-screen sampling failed: {shlex.join(cmd)}")
+    return json.loads(summary.read_text())
+
+def print_rounds(history):
+    print("rlao: round | pre-screen pass rate [95% CI] (K x states) | unseen W4S: mean reward, best val gain | train",
+          flush=True)
+    for h in history:
+        s, w = h["eval"]["screen"], h["eval"].get("w4s")
+        fig2 = (f"{w['mean_reward'] if w['mean_reward'] is not None else float('nan'):.3f} over {w['evaluated']}, "
+                f"{w['best_val_gain']:+.3f}") if w else "-"
+        print(f"rlao: {h['round']:5d} | {s['pass_rate']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] ({s['n']}) | {fig2} | "
+              + (f"{h['train']['seconds']} s, peak RSS {h['train']['peak_rss_gib']} GiB" if "train" in h else "-"),
+              flush=True)
 
 def main(argv=None):
     args = get_args(argv)
@@ -521,7 +789,12 @@ def main(argv=None):
     if device.type == "cpu" and world > 1:  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        run_rounds(args, rank, world, device) if args.rounds else train(args, rank, world, device)
+        if args.screen:
+            run_screen(args)
+        elif args.rounds:
+            run_rounds(args, rank, world, device)
+        else:
+            train(args, rank, world, device)
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -2007,7 +2007,7 @@ def test_resume_continues_where_it_stopped(tiny, tmp_path):
 
 def test_gradient_checkpointing_trains_to_the_same_weights(tiny, tmp_path):
     data = toy_data(tmp_path)
-    rlao.main(flags(data, tiny, tmp_path / "a", "--steps", "2", "--lr", "1e-3"))
+    rlao.main(flags(data, tiny, tmp_path / "a", "--steps", "2", "--lr", "1e-3", "--no-grad-ckpt"))
     rlao.main(flags(data, tiny, tmp_path / "b", "--steps", "2", "--lr", "1e-3", "--grad-ckpt"))
     a, b = (torch.load(tmp_path / d / "train_state.pt")["trainable"] for d in "ab")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -2028,18 +2028,6 @@ def test_ddp_two_processes_agree_on_weights(tiny, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "ranks agree on weights: True" in p.stdout, p.stdout[-2000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
-
-
-def test_rounds_collect_with_w4s_then_train_then_collect_again(tiny, server, sums_task, tmp_path):
-    """--rounds 1: collect (w4s.main, no test split) -> train -> collect with the new checkpoint as meta-agent."""
-    w4s_args = (f"--scorer numeric --executor {server.url}:exec --iterations 1 --samples 2 --val-size 2 "
-                "--meta-max-tokens 24 --timeout 20")
-    rlao.main(flags("", tiny, tmp_path / "rl", "--steps", "1", "--rounds", "1", "--task", sums_task,
-                    "--w4s-args", w4s_args, "--objective", "pg", "--invalid-reward", "-0.5")[2:])
-    rounds = json.load(open(tmp_path / "rl" / "rounds.json"))
-    assert [r["policy"] for r in rounds] == [f"hf:{tiny}", f"hf:{tmp_path / 'rl' / 'round0' / 'policy'}"]
-    reports = [json.load(open(tmp_path / "rl" / f"round{k}" / "collect" / "report.json")) for k in (0, 1)]
-    assert all(r["splits"]["test"] == [] for r in reports)  # collection never touches the test split
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -2368,3 +2356,119 @@ def test_math_extract_is_the_string_math_verify_compared():
 
 def test_numeric_extract_is_the_first_number_after_answer_is():
     assert benchmarks.get_task('gsm8k').extract({'answer': '42'}, 'The answer is 42. Check: 2 + 2 = 4.') == '42'
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ---- rlao seen->unseen (issue 15)
+# The free pre-screen pass rate, the warm-up on pre-screen passes, per-task weighting, FSDP2 and the rounds.
+
+def test_wilson_interval_of_a_pass_rate():
+    z2 = 1.96 ** 2
+    assert rlao.wilson(0, 64) == (0.0, pytest.approx(z2 / (64 + z2)))  # closed form at 0 passes
+    from scipy.stats import binomtest
+    want = binomtest(16, 64).proportion_ci(method="wilson")  # scipy's Wilson interval uses z = 1.95996...
+    assert rlao.wilson(16, 64) == (pytest.approx(want.low, abs=1e-5), pytest.approx(want.high, abs=1e-5))
+
+
+def test_screen_states_show_their_workflows_and_the_runs_first_validation_question(server, sums_task, tmp_path):
+    stub_run(server, sums_task, tmp_path / "run", "--iterations", "1")
+    states = rlao.load_states([tmp_path / "run"])
+    cfg = w4s.setup(w4s.parse_args(["--task", sums_task, "--scorer", "numeric", "--val-size", "4"]))[0]
+    assert len(states) == 1 and states[0]["example"] == cfg.val[0]
+    assert {w["code"].strip() for w in states[0]["known"]} >= {c.strip() for c in w4s.SEED_WORKFLOWS.values()}
+
+
+def test_screen_rate_counts_only_new_workflows_that_survive_the_dry_run(server, sums_task, tmp_path):
+    """The stub meta-agent answers in turn: a new workflow, no code, a copy of a seed: 1 of 3 passes."""
+    stub_run(server, sums_task, tmp_path / "run", "--iterations", "1")
+    out = tmp_path / "screen.jsonl"
+    rlao.main(["--screen", str(out), "--init", server.url + ":meta", "--data", str(tmp_path / "run"),
+               "--screen-k", "6"])
+    summary = json.load(open(tmp_path / "screen.summary.json"))
+    assert (summary["passed"], summary["n"]) == (2, 6)
+    assert summary["status"] == {"near-copy": 2, "passed": 2, "unextractable": 2}
+    assert summary["ci"][0] < 1 / 3 < summary["ci"][1]
+
+
+def test_warmup_trains_on_prescreen_passes_with_reward_zero_and_drops_failures(tmp_path):
+    rows = [dict(task="t", run="screen", iteration="state0", messages=[{"role": "user", "content": "s"}],
+                 action=a, status=st, reward=0.0, warmup_pass=st is None) for a, st in [(HIGH, None), (LOW, "broken")]]
+    path = tmp_path / "trajectory.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [(e["action"], e["reward"]) for e in rlao.load_examples([path])] == [(HIGH, 0.0)]
+
+
+def test_each_seen_task_carries_an_equal_share_of_the_loss():
+    share = rlao.task_shares(["a", "a", "a", "b"])
+    assert 3 * share["a"] == pytest.approx(1 * share["b"]) and 3 * share["a"] + share["b"] == pytest.approx(4)
+
+
+def test_fsdp2_two_processes_train_to_the_same_weights_as_one(tiny, tmp_path):
+    """FSDP2 (fully_shard) over 2 CPU processes with gloo, fp32: the same weights as a single process, to 1e-5."""
+    data = toy_data(tmp_path)
+    rlao.main(flags(data, tiny, tmp_path / "one", "--steps", "2", "--lr", "1e-3", "--batch-size", "1",
+                    "--grad-accum", "2"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           os.path.join(HERE, "rlao.py"), *flags(data, tiny, tmp_path / "fsdp", "--steps", "2", "--lr", "1e-3",
+                                                 "--batch-size", "1", "--grad-accum", "1", "--fsdp")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "FSDP2" in p.stdout and "ranks agree on weights: True" in p.stdout, p.stdout[-2000:]
+    a, b = (torch.load(tmp_path / d / "train_state.pt")["trainable"] for d in ("one", "fsdp"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    from safetensors.torch import load_file
+    assert load_file(tmp_path / "fsdp" / "model.safetensors").keys() == load_file(tmp_path / "one" / "model.safetensors").keys()
+
+
+def sums_file(tmp_path, name, offset):
+    """Another addition task (the stub executor only adds), distinct from sums_task by its numbers and its file."""
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps({"id": f"{name}{i}", "question": f"Compute {offset + i} + {i}.",
+                                        "answer": str(offset + 2 * i)}) + "\n" for i in range(12)))
+    return str(path)
+
+
+@pytest.mark.slow  # ~1 min: 4 w4s.py runs, 3 pre-screen samplings and a training, each a process of its own
+def test_a_seen_to_unseen_round_end_to_end(tiny, server, sums_task, tmp_path):
+    """--rounds 1 on two seen tasks: the unseen task is measured before and after, on the same states with the same
+    seeds, and nothing of it is collected on or trained on; no run ever touches a test split."""
+    unseen = sums_file(tmp_path, "unseen", 50)
+    w4s_args = (f"--scorer numeric --executor {server.url}:exec --iterations 1 --samples 2 --val-size 2 "
+                "--meta-max-tokens 24 --timeout 20")
+    out = tmp_path / "rl"
+    rlao.main(flags("", tiny, out, "--steps", "1", "--rounds", "1", "--tasks", f"{sums_task},{sums_file(tmp_path, 'b', 30)}",
+                    "--eval-task", unseen, "--screen-k", "2", "--warmup-k", "2", "--meta-max-tokens", "24",
+                    "--w4s-args", w4s_args, "--objective", "pg", "--invalid-reward", "-0.5")[2:])
+    rounds = json.load(open(out / "rounds.json"))
+    assert [r["policy"] for r in rounds] == [f"hf:{tiny}", f"hf:{out / 'round0' / 'policy'}"]
+    screens = [r["eval"]["screen"] for r in rounds]
+    assert screens[0]["n"] == screens[1]["n"] == 2 * screens[0]["states"] and screens[0]["states"] >= 1
+    assert [r["eval"]["w4s"]["actions"] > 0 for r in rounds] == [True, True]
+    assert set(rounds[0]["collect"]) == {sums_task, str(tmp_path / "b.jsonl")}
+    trained_on = {row["task"] for _, _, row in rlao.trajectory_rows([out / "round0" / "collect", out / "round0" / "warmup"])}
+    assert unseen not in trained_on and trained_on
+    states = lambda k: {json.dumps(json.loads(l)["messages"]) for l in open(out / f"round{k}" / "screen.jsonl")}
+    assert states(0) == states(1)
+    reports = [json.load(open(p)) for p in out.rglob("report.json")]
+    assert len(reports) == 4 and all(r["splits"]["test"] == [] for r in reports)
+
+
+def test_stepping_one_parameter_at_a_time_is_the_same_update_as_one_clipped_step():
+    """Two steps, the first clipped (norm ~10), the second not (norm ~0.3): Adam's update depends on their ratio."""
+    torch.manual_seed(0)
+    ps = [torch.randn(5, 3), torch.randn(7)]
+    grads = [[torch.randn(5, 3) * s, torch.randn(7) * s] for s in (3.0, 0.1)]
+    ref = [p.clone().requires_grad_() for p in ps]
+    opt = torch.optim.AdamW(ref, lr=0.1, betas=(0.9, 0.95))
+    params = [p.to(torch.bfloat16) for p in ps]
+    master = [p.clone().requires_grad_() for p in ps]
+    opt_master = torch.optim.AdamW(master, lr=0.1, betas=(0.9, 0.95))
+    for gs in grads:
+        for p, q, g in zip(ref, params, gs):
+            p.grad, q.grad = g.to(torch.bfloat16).float(), g.to(torch.bfloat16)
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        opt.step()
+        rlao.step_one_at_a_time(opt_master, master, params, 1.0)
+    assert all(torch.allclose(m, r, atol=1e-5) for m, r in zip(master, ref))
+    assert all(torch.equal(p, m.to(torch.bfloat16)) and p.grad is None for p, m in zip(params, master))
