@@ -488,10 +488,8 @@ def setup_distributed():
 def use_bf16(precision, device):
     if precision != "auto":
         return precision == "bf16"
-    if device.type == "cuda":
-        return True
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    import llm
+    return device.type == "cuda" or llm.cpu_has_bf16()
 
 # ------------------------------------------------------------------------------------------------------ training
 def train(args, rank=0, world=1, device=torch.device("cpu")):
