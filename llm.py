@@ -148,17 +148,29 @@ def convert_gguf(name, path):
 
 
 class LocalEngine:
-    """Continuous batching for a local transformers model: requests from concurrently running workflows join the
-    running batch at the next step, finished ones leave it, so no step is spent on padding that is already done.
-    One background thread owns the model; callers block on `generate`."""
+    """Continuous batching for a local llama/qwen2-family model; one background thread owns the weights and callers
+    block on `generate`.
 
-    MAX_BATCH = 32
+    Every step is one forward pass over a flat list of tokens: the next token of each decoding request, plus up to
+    CHUNK prompt tokens of the requests still being prefilled. So a new prompt never stalls the running requests for
+    more than one chunk, and their decode tokens ride along in the chunk's matmuls. The linear layers see all tokens
+    as one matrix (Q/K/V and gate/up fused into one weight each); attention runs request by request against that
+    request's own KV cache, a preallocated buffer that doubles when full: nothing is padded, nothing concatenated per
+    step, and a request's attention does not depend on what else is in the batch. Identical prompts (the m samples of
+    a meta-agent turn, CoT-SC's n samples) are prefilled once and the cache is copied. Greedy decoding is exact in
+    fp32 (batched == one at a time); in bf16 the matmuls round differently at different batch sizes.
+    Left out: other architectures (sliding windows, MoE, QK norms; they raise UserError), sharing a common prefix of
+    different prompts, quantised weights, CUDA graphs / torch.compile."""
+
+    MAX_BATCH = 32  # requests admitted at once (decoding or prefilling)
+    CHUNK = 256     # prompt tokens per step
 
     def __init__(self, spec, dtype=None):
         import torch
         self.torch = torch
-        self.model, self.tok = load_local_model(spec, dtype)
-        self.device = self.model.device
+        model, self.tok = load_local_model(spec, dtype)
+        self.net = decoder_weights(model)
+        del model  # decoder_weights took the tensors it needs; the rest of the module tree is freed
         self.stop_ids = {i for i in [self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"),
                                      self.tok.convert_tokens_to_ids("<|endoftext|>")] if isinstance(i, int) and i >= 0}
         self.inbox = queue.Queue()
@@ -177,84 +189,66 @@ class LocalEngine:
         return self.tok.decode(req["out"], skip_special_tokens=True), len(ids), len(req["out"])
 
     def loop(self):
-        torch = self.torch
-        active, cache, mask = [], None, None
+        decoding, prefilling = [], []  # prefilling: prompts not fully in their cache yet, first come first fed
         while True:
-            if not active:  # idle: block until work arrives
-                joining = [self.inbox.get()]
-            else:
-                joining = []
-            while len(active) + len(joining) < self.MAX_BATCH:
-                try:
-                    joining.append(self.inbox.get_nowait())
-                except queue.Empty:
-                    break
+            self.admit(decoding, prefilling)
             try:
-                with torch.inference_mode():
-                    if joining:
-                        active, cache, mask = self.join(active, cache, mask, joining)
-                    else:
-                        self.step(active, cache, mask)
-                        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-                    ended = [self.finished(r) for r in active]  # finished() pops a stop token: call it once
-                    if any(ended):
-                        for r, end in zip(active, ended):
-                            if end:
-                                r["done"].set()
-                        keep = [i for i, end in enumerate(ended) if not end]
-                        active = [active[i] for i in keep]
-                        idx = torch.tensor(keep, device=self.device)
-                        cache.batch_select_indices(idx) if keep else None
-                        mask = mask[idx] if keep else None
-                        cache = cache if keep else None
+                with self.torch.inference_mode():
+                    decoding[:] = self.step(decoding, prefilling)
             except Exception as e:  # a model error fails the requests in flight, never the engine thread
-                for r in active + joining:
+                for r in decoding + [s for r in prefilling for s in [r] + r["copies"]]:
                     r["error"] = f"local generation failed: {type(e).__name__}: {e}"
                     r["done"].set()
-                active, cache, mask = [], None, None
+                decoding, prefilling = [], []
 
-    def join(self, active, cache, mask, joining):
-        """Prefill the new requests as one left-padded batch, then merge their KV cache with the running one.
-        Identical prompts (the m samples of a meta-agent turn, CoT-SC's n samples) are prefilled once and share it."""
-        torch = self.torch
-        from transformers import DynamicCache
-        unique = list(dict.fromkeys(tuple(r["ids"]) for r in joining))
-        copy_of = torch.tensor([unique.index(tuple(r["ids"])) for r in joining], device=self.device)
-        width = max(len(u) for u in unique)
-        ids = torch.tensor([[self.tok.pad_token_id] * (width - len(u)) + list(u) for u in unique])
-        new_mask = torch.tensor([[0] * (width - len(u)) + [1] * len(u) for u in unique])
-        new_cache = DynamicCache()
-        pos = (new_mask.cumsum(1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids.to(self.device), attention_mask=new_mask.to(self.device),
-                         position_ids=pos.to(self.device), cache=new_cache, use_cache=True,
-                         logits_to_keep=1)  # full-prompt logits would cost batch x length x 151k floats
-        for layer in new_cache.layers:  # one row per request again
-            layer.keys, layer.values = layer.keys[copy_of], layer.values[copy_of]
-        self.pick_next(joining, out.logits[:, -1][copy_of])
-        new_mask = new_mask.to(self.device)[copy_of]
-        if not active:
-            return joining, new_cache, torch.cat([new_mask, new_mask.new_ones(len(joining), 1)], dim=1)
-        # Invariant on both sides: the last sampled token is in `mask` but not yet in the cache, so each cache holds
-        # (mask width - 1) positions; left-pad both to a common width and stack them along the batch.
-        new_mask = torch.cat([new_mask, new_mask.new_ones(len(joining), 1)], dim=1)
-        L = max(mask.shape[1], new_mask.shape[1])
-        for old_layer, new_layer in zip(cache.layers, new_cache.layers):
-            for attr in ("keys", "values"):
-                a, b = getattr(old_layer, attr), getattr(new_layer, attr)
-                a = torch.nn.functional.pad(a, (0, 0, L - 1 - a.shape[2], 0))
-                b = torch.nn.functional.pad(b, (0, 0, L - 1 - b.shape[2], 0))
-                setattr(old_layer, attr, torch.cat([a, b], dim=0))
-        mask = torch.cat([torch.nn.functional.pad(mask, (L - mask.shape[1], 0)),
-                          torch.nn.functional.pad(new_mask, (L - new_mask.shape[1], 0))], dim=0)
-        return active + joining, cache, mask
+    def admit(self, decoding, prefilling):
+        """Move requests from the inbox into the engine (blocking while it is idle). A prompt identical to one still
+        being prefilled rides along as its copy: prefilled once, cache copied when it is done."""
+        def admitted():
+            return len(decoding) + sum(1 + len(r["copies"]) for r in prefilling)
+        while admitted() < self.MAX_BATCH:
+            try:
+                r = self.inbox.get(block=not decoding and not prefilling)
+            except queue.Empty:
+                return
+            same = next((p for p in prefilling if p["ids"] == r["ids"]), None)
+            if same:
+                same["copies"].append(r)
+            else:
+                r.update(fed=0, copies=[], kv=None)  # fed: prompt tokens in the cache so far
+                prefilling.append(r)
 
-    def step(self, active, cache, mask):
-        """One decoding step for every running request: feed its last token, sample the next one."""
-        torch = self.torch
-        last = torch.tensor([[r["out"][-1]] for r in active], device=self.device)
-        pos = (mask.sum(1, keepdim=True) - 1)
-        out = self.model(input_ids=last, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        self.pick_next(active, out.logits[:, -1])
+    def step(self, decoding, prefilling):
+        """One forward pass: the last token of every decoding request, then the next CHUNK prompt tokens in arrival
+        order. Returns the requests decoding after this step (finished ones are released)."""
+        segments = [(r, r["out"][-1:], r["fed"]) for r in decoding]
+        budget = self.CHUNK
+        for r in prefilling:
+            if budget == 0:
+                break
+            n = min(budget, len(r["ids"]) - r["fed"])
+            segments.append((r, r["ids"][r["fed"]:r["fed"] + n], r["fed"]))
+            budget -= n
+        logits = forward(self.net, segments)
+        for r, tokens, _ in segments:
+            r["fed"] += len(tokens)
+        self.pick_next(decoding, logits[:len(decoding)])
+        for r, row in zip(prefilling[:], logits[len(decoding):]):
+            if r["fed"] == len(r["ids"]):  # the whole prompt is in the cache: its copies get one too
+                prefilling.remove(r)
+                for c in r["copies"]:
+                    c.update(fed=r["fed"], copies=[], kv=r["kv"].clone())
+                joined = [r] + r["copies"]
+                self.pick_next(joined, row.expand(len(joined), -1))
+                decoding = decoding + joined
+        still = []
+        for r in decoding:
+            if self.finished(r):
+                r["kv"] = None  # its cache is freed now, not when the caller lets go of the request
+                r["done"].set()
+            else:
+                still.append(r)
+        return still
 
     def pick_next(self, reqs, logits):
         torch = self.torch
@@ -277,6 +271,101 @@ class LocalEngine:
             text = self.tok.decode(out[-64:])
             return any(s in text for s in r["stop"])
         return False
+
+
+def decoder_weights(model):
+    """The tensors of a llama/qwen2-family causal LM that `forward` needs, with each layer's Q/K/V and gate/up
+    projections fused into one weight (fewer, wider matmuls). The model's own tensors are released layer by layer so
+    the fused copies add one layer's worth of memory at most."""
+    import types
+    import torch
+    cfg, body = model.config, model.model
+    if cfg.model_type not in ("llama", "qwen2") or getattr(cfg, "hidden_act", "silu") != "silu" or \
+            getattr(cfg, "use_sliding_window", False) or getattr(cfg, "mlp_bias", False):
+        raise UserError(f"the local engine runs llama/qwen2-family models; {cfg.model_type} is not one")
+    layers = []
+    for layer in body.layers:
+        a, m = layer.self_attn, layer.mlp
+        biases = [p.bias for p in (a.q_proj, a.k_proj, a.v_proj)]
+        layers.append(types.SimpleNamespace(
+            norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight,
+            qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+            qkv_bias=None if biases[0] is None else torch.cat(biases), o=a.o_proj.weight,
+            gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]), down=m.down_proj.weight))
+        layer.self_attn = layer.mlp = None
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return types.SimpleNamespace(layers=layers, embed=body.embed_tokens.weight, norm=body.norm.weight,
+                                 lm_head=model.lm_head.weight, rotary=body.rotary_emb, eps=cfg.rms_norm_eps,
+                                 heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+
+
+def forward(net, segments):
+    """Run segments [(request, tokens, position of the first)] through the decoder as one flat batch of tokens,
+    appending their keys and values to each request's cache (`request["kv"]`, grown as needed). Returns the logits of
+    each segment's last token, one row per segment."""
+    import torch
+    F = torch.nn.functional
+    dev = net.embed.device
+    ids = torch.tensor([t for _, tokens, _ in segments for t in tokens], device=dev)
+    pos = torch.tensor([p + i for _, tokens, p in segments for i in range(len(tokens))], device=dev)
+    x = net.embed[ids]
+    cos, sin = (c[0] for c in net.rotary(x, pos[None]))
+    H, KV, D, T = net.heads, net.kv_heads, net.head_dim, len(ids)
+    caches = [ensure_cache(net, r, p + len(tokens), x) for r, tokens, p in segments]
+    for i, L in enumerate(net.layers):
+        q, k, v = F.linear(rms_norm(x, L.norm1, net.eps), L.qkv, L.qkv_bias).split([H * D, KV * D, KV * D], -1)
+        q, k = rope(q.view(T, H, D), cos, sin), rope(k.view(T, KV, D), cos, sin)
+        v, out, start = v.view(T, KV, D), torch.empty_like(q), 0
+        for (r, tokens, p), kv in zip(segments, caches):
+            n = len(tokens)
+            kv[i, 0, :, p:p + n] = k[start:start + n].transpose(0, 1)
+            kv[i, 1, :, p:p + n] = v[start:start + n].transpose(0, 1)
+            out[start:start + n] = attend(q[start:start + n], kv[i, 0, :, :p + n], kv[i, 1, :, :p + n], p)
+            start += n
+        x = x + F.linear(out.view(T, H * D), L.o)
+        gate, up = F.linear(rms_norm(x, L.norm2, net.eps), L.gate_up).chunk(2, -1)
+        x = x + F.linear(F.silu(gate) * up, L.down)
+    last = torch.tensor([len(tokens) for _, tokens, _ in segments], device=dev).cumsum(0) - 1
+    return F.linear(rms_norm(x[last], net.norm, net.eps), net.lm_head)
+
+
+def ensure_cache(net, r, length, like):
+    """The request's KV cache [layers, 2, kv heads, capacity, head dim], reallocated at twice the size (at most the
+    prompt plus its output budget) when `length` positions would not fit."""
+    kv = r["kv"]
+    if kv is None or kv.shape[3] < length:
+        cap = min(max(length, 2 * (0 if kv is None else kv.shape[3]), 64), len(r["ids"]) + r["max_tokens"])
+        grown = like.new_empty(len(net.layers), 2, net.kv_heads, max(cap, length), net.head_dim)
+        if kv is not None:
+            grown[:, :, :, :kv.shape[3]] = kv
+        r["kv"] = kv = grown
+    return kv
+
+
+def attend(q, keys, values, past):
+    """Attention of q [n, heads, dim] (positions past .. past+n-1) over keys/values [kv heads, past+n, dim]."""
+    import torch
+    n = q.shape[0]
+    mask = None if n == 1 else (torch.arange(past + n, device=q.device)[None, :] <=
+                                torch.arange(past, past + n, device=q.device)[:, None])
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask,
+                                                           enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+def rms_norm(x, weight, eps):
+    import torch
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rope(x, cos, sin):
+    """Rotary position embedding of x [tokens, heads, dim] with cos/sin [tokens, dim] (HF's rotate-half layout)."""
+    import torch
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos[:, None] + rotated * sin[:, None]
 
 
 def repeats_itself(tokens, min_span=96):
