@@ -154,15 +154,17 @@ class LocalEngine:
     Every step is one forward pass over a flat list of tokens: the next token of each decoding request, plus up to
     CHUNK prompt tokens of the requests still being prefilled. So a new prompt never stalls the running requests for
     more than one chunk, and their decode tokens ride along in the chunk's matmuls. The linear layers see all tokens
-    as one matrix (Q/K/V and gate/up fused into one weight each); attention runs request by request against that
-    request's own KV cache, a preallocated buffer that doubles when full: nothing is padded, nothing concatenated per
-    step, and a request's attention does not depend on what else is in the batch. Identical prompts (the m samples of
-    a meta-agent turn, CoT-SC's n samples) are prefilled once and the cache is copied. Greedy decoding is exact in
-    fp32 (batched == one at a time); in bf16 the matmuls round differently at different batch sizes.
+    as one matrix (Q/K/V and gate/up fused into one weight each). Keys and values live in one preallocated cache with
+    a slot per admitted request; it doubles when a request outgrows it and is freed when the engine goes idle, so no
+    step concatenates or pads a cache. Decode attention is one call over the slots, with each kv head's group of
+    query heads as rows (CPU SDPA is several times slower with enable_gqa); a prompt chunk attends over its own slot.
+    Identical prompts (the m samples of a meta-agent turn, CoT-SC's n samples) are prefilled once and the slot copied.
+    Greedy decoding gives the same outputs batched as one at a time in fp32 (rounding differences, from matmuls and
+    attention of other shapes, stay far below the logit gaps); in bf16 near-ties can flip.
     Left out: other architectures (sliding windows, MoE, QK norms; they raise UserError), sharing a common prefix of
     different prompts, quantised weights, CUDA graphs / torch.compile."""
 
-    MAX_BATCH = 32  # requests admitted at once (decoding or prefilling)
+    MAX_BATCH = 32  # requests admitted at once (decoding or prefilling): one cache slot each
     CHUNK = 256     # prompt tokens per step
 
     def __init__(self, spec, dtype=None):
@@ -173,6 +175,7 @@ class LocalEngine:
         del model  # decoder_weights took the tensors it needs; the rest of the module tree is freed
         self.stop_ids = {i for i in [self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"),
                                      self.tok.convert_tokens_to_ids("<|endoftext|>")] if isinstance(i, int) and i >= 0}
+        self.kv, self.admitted = None, {}  # admitted: cache slot -> request, from admission until release
         self.inbox = queue.Queue()
         threading.Thread(target=self.loop, daemon=True).start()
 
@@ -189,66 +192,81 @@ class LocalEngine:
         return self.tok.decode(req["out"], skip_special_tokens=True), len(ids), len(req["out"])
 
     def loop(self):
-        decoding, prefilling = [], []  # prefilling: prompts not fully in their cache yet, first come first fed
+        decoding, prefilling = [], []  # prefilling: prompts not fully in the cache yet, first come first fed
         while True:
+            if not decoding and not prefilling:
+                self.kv = None  # idle: give the cache's memory back
             self.admit(decoding, prefilling)
             try:
                 with self.torch.inference_mode():
-                    decoding[:] = self.step(decoding, prefilling)
+                    decoding = self.step(decoding, prefilling)
             except Exception as e:  # a model error fails the requests in flight, never the engine thread
-                for r in decoding + [s for r in prefilling for s in [r] + r["copies"]]:
-                    r["error"] = f"local generation failed: {type(e).__name__}: {e}"
-                    r["done"].set()
+                for r in list(self.admitted.values()):
+                    self.release(r, f"local generation failed: {type(e).__name__}: {e}")
                 decoding, prefilling = [], []
 
     def admit(self, decoding, prefilling):
-        """Move requests from the inbox into the engine (blocking while it is idle). A prompt identical to one still
-        being prefilled rides along as its copy: prefilled once, cache copied when it is done."""
-        def admitted():
-            return len(decoding) + sum(1 + len(r["copies"]) for r in prefilling)
-        while admitted() < self.MAX_BATCH:
+        """Move requests from the inbox into free cache slots (blocking while the engine is idle). A prompt identical
+        to one still being prefilled rides along as its copy: prefilled once, the slot copied when it is done."""
+        while len(self.admitted) < self.MAX_BATCH:
             try:
                 r = self.inbox.get(block=not decoding and not prefilling)
             except queue.Empty:
                 return
+            slot = min(set(range(self.MAX_BATCH)) - self.admitted.keys())
+            r.update(slot=slot, fed=0, copies=[])  # fed: prompt tokens in the cache so far
+            self.admitted[slot] = r
             same = next((p for p in prefilling if p["ids"] == r["ids"]), None)
-            if same:
-                same["copies"].append(r)
-            else:
-                r.update(fed=0, copies=[], kv=None)  # fed: prompt tokens in the cache so far
-                prefilling.append(r)
+            same["copies"].append(r) if same else prefilling.append(r)
+
+    def release(self, r, error=None):
+        r["error"] = error
+        del self.admitted[r["slot"]]
+        r["done"].set()
 
     def step(self, decoding, prefilling):
         """One forward pass: the last token of every decoding request, then the next CHUNK prompt tokens in arrival
         order. Returns the requests decoding after this step (finished ones are released)."""
-        segments = [(r, r["out"][-1:], r["fed"]) for r in decoding]
-        budget = self.CHUNK
+        chunks, budget = [], self.CHUNK
         for r in prefilling:
             if budget == 0:
                 break
             n = min(budget, len(r["ids"]) - r["fed"])
-            segments.append((r, r["ids"][r["fed"]:r["fed"] + n], r["fed"]))
+            chunks.append((r, r["ids"][r["fed"]:r["fed"] + n]))
             budget -= n
-        logits = forward(self.net, segments)
-        for r, tokens, _ in segments:
-            r["fed"] += len(tokens)
+        self.reserve(max(self.admitted) + 1, max([r["fed"] + 1 for r in decoding] + [r["fed"] + len(t) for r, t in chunks]))
+        logits = forward(self.net, self.kv, [(r["slot"], r["out"][-1], r["fed"]) for r in decoding],
+                         [(r["slot"], tokens, r["fed"]) for r, tokens in chunks])
+        for r in decoding:
+            r["fed"] += 1
         self.pick_next(decoding, logits[:len(decoding)])
-        for r, row in zip(prefilling[:], logits[len(decoding):]):
-            if r["fed"] == len(r["ids"]):  # the whole prompt is in the cache: its copies get one too
+        for (r, tokens), row in zip(chunks, logits[len(decoding):]):
+            r["fed"] += len(tokens)
+            if r["fed"] == len(r["ids"]):  # the whole prompt is in the cache: its copies get it too
                 prefilling.remove(r)
                 for c in r["copies"]:
-                    c.update(fed=r["fed"], copies=[], kv=r["kv"].clone())
+                    self.kv[:, :, c["slot"], :, :r["fed"]] = self.kv[:, :, r["slot"], :, :r["fed"]]
+                    c["fed"] = r["fed"]
                 joined = [r] + r["copies"]
                 self.pick_next(joined, row.expand(len(joined), -1))
                 decoding = decoding + joined
         still = []
         for r in decoding:
-            if self.finished(r):
-                r["kv"] = None  # its cache is freed now, not when the caller lets go of the request
-                r["done"].set()
-            else:
-                still.append(r)
+            self.release(r) if self.finished(r) else still.append(r)
         return still
+
+    def reserve(self, slots, length):
+        """Make the cache [layers, 2, slots, kv heads, capacity, head dim] hold `slots` slots of `length` positions,
+        doubling what it lacks."""
+        net, kv = self.net, self.kv
+        have = (0, 0) if kv is None else (kv.shape[2], kv.shape[4])
+        if have[0] >= slots and have[1] >= length:
+            return
+        size = (max(slots, min(2 * have[0], self.MAX_BATCH)), max(length, 2 * have[1], 64))
+        grown = net.embed.new_empty(len(net.layers), 2, size[0], net.kv_heads, size[1], net.head_dim)
+        if kv is not None:
+            grown[:, :, :have[0], :, :have[1]] = kv
+        self.kv = grown
 
     def pick_next(self, reqs, logits):
         torch = self.torch
@@ -300,58 +318,67 @@ def decoder_weights(model):
                                  heads=heads, kv_heads=kv_heads, head_dim=head_dim)
 
 
-def forward(net, segments):
-    """Run segments [(request, tokens, position of the first)] through the decoder as one flat batch of tokens,
-    appending their keys and values to each request's cache (`request["kv"]`, grown as needed). Returns the logits of
-    each segment's last token, one row per segment."""
+def forward(net, kv, decode, prefill):
+    """One pass of the decoder over `decode` [(slot, token, position)], one new token per running request, and
+    `prefill` [(slot, tokens, position of the first)], prompt chunks, as one flat batch of tokens; their keys and
+    values go into kv [layers, 2, slots, kv heads, capacity, head dim]. Returns the logits of each decode token, then
+    of each chunk's last token."""
     import torch
-    F = torch.nn.functional
-    dev = net.embed.device
-    ids = torch.tensor([t for _, tokens, _ in segments for t in tokens], device=dev)
-    pos = torch.tensor([p + i for _, tokens, p in segments for i in range(len(tokens))], device=dev)
-    x = net.embed[ids]
-    cos, sin = (c[0] for c in net.rotary(x, pos[None]))
-    H, KV, D, T = net.heads, net.kv_heads, net.head_dim, len(ids)
-    caches = [ensure_cache(net, r, p + len(tokens), x) for r, tokens, p in segments]
+    F, dev = torch.nn.functional, net.embed.device
+    ids = [t for _, t, _ in decode] + [t for _, tokens, _ in prefill for t in tokens]
+    pos = [p for _, _, p in decode] + [p + i for _, tokens, p in prefill for i in range(len(tokens))]
+    x = net.embed[torch.tensor(ids, device=dev)]
+    cos, sin = (c[0] for c in net.rotary(x, torch.tensor([pos], device=dev)))
+    H, KV, D, T, B = net.heads, net.kv_heads, net.head_dim, len(ids), len(decode)
+    slots, dpos = (torch.tensor(v, dtype=torch.long, device=dev) for v in ([s for s, _, _ in decode], pos[:B]))
+    S, W = (int(slots.max()) + 1, int(dpos.max()) + 1) if B else (0, 0)
+    lengths = torch.ones(S, dtype=torch.long, device=dev).index_copy(0, slots, dpos + 1)
+    mask = (torch.arange(W, device=dev)[None, :] < lengths[:, None])[:, None, None]  # [slots, 1, 1, W]
     for i, L in enumerate(net.layers):
         q, k, v = F.linear(rms_norm(x, L.norm1, net.eps), L.qkv, L.qkv_bias).split([H * D, KV * D, KV * D], -1)
-        q, k = rope(q.view(T, H, D), cos, sin), rope(k.view(T, KV, D), cos, sin)
-        v, out, start = v.view(T, KV, D), torch.empty_like(q), 0
-        for (r, tokens, p), kv in zip(segments, caches):
+        q, k, v = rope(q.view(T, H, D), cos, sin), rope(k.view(T, KV, D), cos, sin), v.view(T, KV, D)
+        out = torch.empty_like(q)
+        if B:
+            kv[i, 0, slots, :, dpos], kv[i, 1, slots, :, dpos] = k[:B], v[:B]
+            out[:B] = decode_attention(q[:B], kv[i, 0, :S, :, :W], kv[i, 1, :S, :, :W], slots, mask)
+        start = B
+        for slot, tokens, p in prefill:
             n = len(tokens)
-            kv[i, 0, :, p:p + n] = k[start:start + n].transpose(0, 1)
-            kv[i, 1, :, p:p + n] = v[start:start + n].transpose(0, 1)
-            out[start:start + n] = attend(q[start:start + n], kv[i, 0, :, :p + n], kv[i, 1, :, :p + n], p)
+            kv[i, 0, slot, :, p:p + n], kv[i, 1, slot, :, p:p + n] = k[start:start + n].transpose(0, 1), \
+                v[start:start + n].transpose(0, 1)
+            out[start:start + n] = chunk_attention(q[start:start + n], kv[i, 0, slot, :, :p + n],
+                                                   kv[i, 1, slot, :, :p + n], p)
             start += n
         x = x + F.linear(out.view(T, H * D), L.o)
         gate, up = F.linear(rms_norm(x, L.norm2, net.eps), L.gate_up).chunk(2, -1)
         x = x + F.linear(F.silu(gate) * up, L.down)
-    last = torch.tensor([len(tokens) for _, tokens, _ in segments], device=dev).cumsum(0) - 1
+    last = list(range(B)) + (B - 1 + torch.tensor([len(t) for _, t, _ in prefill]).cumsum(0)).tolist()
     return F.linear(rms_norm(x[last], net.norm, net.eps), net.lm_head)
 
 
-def ensure_cache(net, r, length, like):
-    """The request's KV cache [layers, 2, kv heads, capacity, head dim], reallocated at twice the size (at most the
-    prompt plus its output budget) when `length` positions would not fit."""
-    kv = r["kv"]
-    if kv is None or kv.shape[3] < length:
-        cap = min(max(length, 2 * (0 if kv is None else kv.shape[3]), 64), len(r["ids"]) + r["max_tokens"])
-        grown = like.new_empty(len(net.layers), 2, net.kv_heads, max(cap, length), net.head_dim)
-        if kv is not None:
-            grown[:, :, :, :kv.shape[3]] = kv
-        r["kv"] = kv = grown
-    return kv
-
-
-def attend(q, keys, values, past):
-    """Attention of q [n, heads, dim] (positions past .. past+n-1) over keys/values [kv heads, past+n, dim]."""
+def decode_attention(q, keys, values, slots, mask):
+    """q [n, heads, dim], one query per request in `slots`, over keys/values [slots, kv heads, width, dim]: one SDPA
+    call with the query heads of each kv head as its rows; slots not decoding get a zero query, ignored."""
     import torch
-    n = q.shape[0]
-    mask = None if n == 1 else (torch.arange(past + n, device=q.device)[None, :] <=
-                                torch.arange(past, past + n, device=q.device)[:, None])
-    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask,
-                                                           enable_gqa=True)
-    return out.transpose(0, 1)
+    F = torch.nn.functional
+    n, H, D = q.shape
+    S, KV = keys.shape[:2]
+    grouped = q.new_zeros(S, KV, H // KV, D)
+    grouped[slots] = q.view(n, KV, H // KV, D)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+    return out[slots].view(n, H, D)
+
+
+def chunk_attention(q, keys, values, past):
+    """q [n, heads, dim] at positions past .. past+n-1 over one slot's keys/values [kv heads, past+n, dim], causal."""
+    import torch
+    n, H, D = q.shape
+    KV = keys.shape[0]
+    G = H // KV
+    causal = torch.arange(past + n, device=q.device)[None, :] <= torch.arange(past, past + n, device=q.device)[:, None]
+    grouped = q.view(n, KV, G, D).permute(1, 2, 0, 3).reshape(KV, G * n, D)  # row g*n + t: head g's token t
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=causal.repeat(G, 1))
+    return out.view(KV, G, n, D).permute(2, 0, 1, 3).reshape(n, H, D)
 
 
 def rms_norm(x, weight, eps):
