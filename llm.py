@@ -153,16 +153,17 @@ class LocalEngine:
 
     Every step is one forward pass over a flat list of tokens: the next token of each decoding request, plus up to
     CHUNK prompt tokens of the requests still being prefilled. So a new prompt never stalls the running requests for
-    more than one chunk, and their decode tokens ride along in the chunk's matmuls. The linear layers see all tokens
-    as one matrix (Q/K/V and gate/up fused into one weight each). Keys and values live in one preallocated cache with
-    a slot per admitted request; it doubles when a request outgrows it and is freed when the engine goes idle, so no
-    step concatenates or pads a cache. Decode attention is one call over the slots, with each kv head's group of
-    query heads as rows (CPU SDPA is several times slower with enable_gqa); a prompt chunk attends over its own slot.
-    Identical prompts (the m samples of a meta-agent turn, CoT-SC's n samples) are prefilled once and the slot copied.
-    Greedy decoding gives the same outputs batched as one at a time in fp32 (rounding differences, from matmuls and
-    attention of other shapes, stay far below the logit gaps); in bf16 near-ties can flip.
+    more than one chunk, and their decode tokens ride along in the chunk's matmuls: the linear layers see all tokens
+    as one matrix. Keys and values live in one preallocated cache with a slot per admitted request; it doubles when a
+    request outgrows it and is freed when the engine goes idle, so no step concatenates or pads a cache. Decode
+    attention is one call over the slots, with each kv head's group of query heads as rows (CPU SDPA is several times
+    slower with enable_gqa); a prompt chunk attends over its own slot. Identical prompts (the m samples of a
+    meta-agent turn, CoT-SC's n samples) are prefilled once and the slot copied. Greedy decoding gives the same
+    outputs batched as one at a time in fp32 (rounding differences, from matmuls and attention of other shapes, stay
+    far below the logit gaps); in bf16 near-ties can flip.
     Left out: other architectures (sliding windows, MoE, QK norms; they raise UserError), sharing a common prefix of
-    different prompts, quantised weights, CUDA graphs / torch.compile."""
+    different prompts, fused or quantised weights (fusing Q/K/V and gate/up made those matmuls 15-25 % faster but kept
+    1.7 GB more resident), CUDA graphs / torch.compile."""
 
     MAX_BATCH = 32  # requests admitted at once (decoding or prefilling): one cache slot each
     CHUNK = 256     # prompt tokens per step
@@ -170,9 +171,8 @@ class LocalEngine:
     def __init__(self, spec, dtype=None):
         import torch
         self.torch = torch
-        model, self.tok = load_local_model(spec, dtype)
-        self.net = decoder_weights(model)
-        del model  # decoder_weights took the tensors it needs; the rest of the module tree is freed
+        self.model, self.tok = load_local_model(spec, dtype)
+        check_architecture(self.model)
         self.stop_ids = {i for i in [self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"),
                                      self.tok.convert_tokens_to_ids("<|endoftext|>")] if isinstance(i, int) and i >= 0}
         self.kv, self.admitted = None, {}  # admitted: cache slot -> request, from admission until release
@@ -235,7 +235,7 @@ class LocalEngine:
             chunks.append((r, r["ids"][r["fed"]:r["fed"] + n]))
             budget -= n
         self.reserve(max(self.admitted) + 1, max([r["fed"] + 1 for r in decoding] + [r["fed"] + len(t) for r, t in chunks]))
-        logits = forward(self.net, self.kv, [(r["slot"], r["out"][-1], r["fed"]) for r in decoding],
+        logits = forward(self.model, self.kv, [(r["slot"], r["out"][-1], r["fed"]) for r in decoding],
                          [(r["slot"], tokens, r["fed"]) for r, tokens in chunks])
         for r in decoding:
             r["fed"] += 1
@@ -258,12 +258,17 @@ class LocalEngine:
     def reserve(self, slots, length):
         """Make the cache [layers, 2, slots, kv heads, capacity, head dim] hold `slots` slots of `length` positions,
         doubling what it lacks."""
-        net, kv = self.net, self.kv
+        kv, cfg = self.kv, self.model.config
         have = (0, 0) if kv is None else (kv.shape[2], kv.shape[4])
         if have[0] >= slots and have[1] >= length:
             return
-        size = (max(slots, min(2 * have[0], self.MAX_BATCH)), max(length, 2 * have[1], 64))
-        grown = net.embed.new_empty(len(net.layers), 2, size[0], net.kv_heads, size[1], net.head_dim)
+        size = (have[0] if have[0] >= slots else max(slots, min(2 * have[0], self.MAX_BATCH)),
+                have[1] if have[1] >= length else max(length, 2 * have[1], 64))
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # zeros, not empty: decode attention masks the positions past each slot's length, but a masked weight of 0
+        # times a NaN left in uninitialised memory is still NaN
+        grown = self.model.lm_head.weight.new_zeros(cfg.num_hidden_layers, 2, size[0], cfg.num_key_value_heads,
+                                                    size[1], head_dim)
         if kv is not None:
             grown[:, :, :have[0], :, :have[1]] = kv
         self.kv = grown
@@ -291,52 +296,34 @@ class LocalEngine:
         return False
 
 
-def decoder_weights(model):
-    """The tensors of a llama/qwen2-family causal LM that `forward` needs, with each layer's Q/K/V and gate/up
-    projections fused into one weight (fewer, wider matmuls). The model's own tensors are released layer by layer so
-    the fused copies add one layer's worth of memory at most."""
-    import types
-    import torch
-    cfg, body = model.config, model.model
-    if cfg.model_type not in ("llama", "qwen2") or getattr(cfg, "hidden_act", "silu") != "silu" or \
-            getattr(cfg, "use_sliding_window", False) or getattr(cfg, "mlp_bias", False):
+def check_architecture(model):
+    """`forward` runs llama/qwen2-family decoders: RoPE, grouped-query attention over all positions, gated MLP."""
+    cfg = model.config
+    if cfg.model_type not in ("llama", "qwen2") or getattr(cfg, "use_sliding_window", False):
         raise UserError(f"the local engine runs llama/qwen2-family models; {cfg.model_type} is not one")
-    layers = []
-    for layer in body.layers:
-        a, m = layer.self_attn, layer.mlp
-        biases = [p.bias for p in (a.q_proj, a.k_proj, a.v_proj)]
-        layers.append(types.SimpleNamespace(
-            norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight,
-            qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-            qkv_bias=None if biases[0] is None else torch.cat(biases), o=a.o_proj.weight,
-            gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]), down=m.down_proj.weight))
-        layer.self_attn = layer.mlp = None
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return types.SimpleNamespace(layers=layers, embed=body.embed_tokens.weight, norm=body.norm.weight,
-                                 lm_head=model.lm_head.weight, rotary=body.rotary_emb, eps=cfg.rms_norm_eps,
-                                 heads=heads, kv_heads=kv_heads, head_dim=head_dim)
 
 
-def forward(net, kv, decode, prefill):
+def forward(model, kv, decode, prefill):
     """One pass of the decoder over `decode` [(slot, token, position)], one new token per running request, and
     `prefill` [(slot, tokens, position of the first)], prompt chunks, as one flat batch of tokens; their keys and
     values go into kv [layers, 2, slots, kv heads, capacity, head dim]. Returns the logits of each decode token, then
-    of each chunk's last token."""
+    of each chunk's last token. The model's own modules do the rest (norms, projections, MLP, rotary tables)."""
     import torch
-    F, dev = torch.nn.functional, net.embed.device
+    body, dev = model.model, model.device
     ids = [t for _, t, _ in decode] + [t for _, tokens, _ in prefill for t in tokens]
     pos = [p for _, _, p in decode] + [p + i for _, tokens, p in prefill for i in range(len(tokens))]
-    x = net.embed[torch.tensor(ids, device=dev)]
-    cos, sin = (c[0] for c in net.rotary(x, torch.tensor([pos], device=dev)))
-    H, KV, D, T, B = net.heads, net.kv_heads, net.head_dim, len(ids), len(decode)
+    x = body.embed_tokens(torch.tensor(ids, device=dev))
+    cos, sin = (c[0] for c in body.rotary_emb(x, torch.tensor([pos], device=dev)))
+    H, KV, D = model.config.num_attention_heads, kv.shape[3], kv.shape[5]
+    T, B = len(ids), len(decode)
     slots, dpos = (torch.tensor(v, dtype=torch.long, device=dev) for v in ([s for s, _, _ in decode], pos[:B]))
     S, W = (int(slots.max()) + 1, int(dpos.max()) + 1) if B else (0, 0)
     lengths = torch.ones(S, dtype=torch.long, device=dev).index_copy(0, slots, dpos + 1)
     mask = (torch.arange(W, device=dev)[None, :] < lengths[:, None])[:, None, None]  # [slots, 1, 1, W]
-    for i, L in enumerate(net.layers):
-        q, k, v = F.linear(rms_norm(x, L.norm1, net.eps), L.qkv, L.qkv_bias).split([H * D, KV * D, KV * D], -1)
-        q, k, v = rope(q.view(T, H, D), cos, sin), rope(k.view(T, KV, D), cos, sin), v.view(T, KV, D)
+    for i, layer in enumerate(body.layers):
+        a, h = layer.self_attn, layer.input_layernorm(x)
+        q, k, v = rope(a.q_proj(h).view(T, H, D), cos, sin), rope(a.k_proj(h).view(T, KV, D), cos, sin), \
+            a.v_proj(h).view(T, KV, D)
         out = torch.empty_like(q)
         if B:
             kv[i, 0, slots, :, dpos], kv[i, 1, slots, :, dpos] = k[:B], v[:B]
@@ -349,11 +336,10 @@ def forward(net, kv, decode, prefill):
             out[start:start + n] = chunk_attention(q[start:start + n], kv[i, 0, slot, :, :p + n],
                                                    kv[i, 1, slot, :, :p + n], p)
             start += n
-        x = x + F.linear(out.view(T, H * D), L.o)
-        gate, up = F.linear(rms_norm(x, L.norm2, net.eps), L.gate_up).chunk(2, -1)
-        x = x + F.linear(F.silu(gate) * up, L.down)
+        x = x + a.o_proj(out.view(T, H * D))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
     last = list(range(B)) + (B - 1 + torch.tensor([len(t) for _, t, _ in prefill]).cumsum(0)).tolist()
-    return F.linear(rms_norm(x[last], net.norm, net.eps), net.lm_head)
+    return model.lm_head(body.norm(x[last]))
 
 
 def decode_attention(q, keys, values, slots, mask):
@@ -379,12 +365,6 @@ def chunk_attention(q, keys, values, past):
     grouped = q.view(n, KV, G, D).permute(1, 2, 0, 3).reshape(KV, G * n, D)  # row g*n + t: head g's token t
     out = torch.nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=causal.repeat(G, 1))
     return out.view(KV, G, n, D).permute(2, 0, 1, 3).reshape(n, H, D)
-
-
-def rms_norm(x, weight, eps):
-    import torch
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def rope(x, cos, sin):

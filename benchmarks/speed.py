@@ -253,7 +253,7 @@ def local_child(args, which):
                   f"{y[k:k + 40]!r}", file=sys.stderr)
     with torch.inference_mode():
         res["step_s"] = round((old_decode_step if which == "old" else new_decode_step)(engine, reqs), 3)
-        res["matmul_s"] = round(bare_matmuls(engine.net), 3) if which == "new" else None
+        res["matmul_s"] = round(bare_matmuls(engine.model), 3) if which == "new" else None
     res["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(res))
 
@@ -317,11 +317,11 @@ def old_decode_step(engine, reqs, batch=32, reps=3):
     return statistics.median(times)
 
 
-def bare_matmuls(net, batch=32, reps=3):
-    """Median seconds of the matmuls of one decode step alone: every layer's weights and the vocabulary projection
-    applied to `batch` rows."""
+def bare_matmuls(model, batch=32, reps=3):
+    """Median seconds of the matmuls of one decode step alone: every linear layer of the model applied to `batch`
+    rows."""
     import torch
-    weights = [w for L in net.layers for w in (L.qkv, L.o, L.gate_up, L.down)] + [net.lm_head]
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
     return statistics.median(ms(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights]) / 1000
                              for _ in range(reps))
