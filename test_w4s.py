@@ -2472,3 +2472,49 @@ def test_stepping_one_parameter_at_a_time_is_the_same_update_as_one_clipped_step
         rlao.step_one_at_a_time(opt_master, master, params, 1.0)
     assert all(torch.allclose(m, r, atol=1e-5) for m, r in zip(master, ref))
     assert all(torch.equal(p, m.to(torch.bfloat16)) and p.grad is None for p, m in zip(params, master))
+
+
+# ---- engine (issue 17)
+def test_engine_greedy_equals_transformers_generate_in_fp32(fp32_engine):
+    model, tok = llm.load_local_model("embedded:smollm2-135m", torch.float32)
+    for m in engine_prompts()[:2]:
+        text = tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert fp32_engine.generate(m, 0.0, 24, seed=0)[0] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_engine_feeds_a_joining_prompt_in_chunks_while_others_decode(fp32_engine, monkeypatch):
+    steps, forward = [], llm.forward  # (decode tokens, prompt tokens) of every forward pass
+
+    def counted(net, kv, decode, prefill):
+        steps.append((len(decode), sum(len(tokens) for _, tokens, _ in prefill)))
+        return forward(net, kv, decode, prefill)
+    monkeypatch.setattr(llm, "forward", counted)
+    monkeypatch.setattr(fp32_engine, "CHUNK", 8)
+    long_answer, joining = engine_prompts()[3], engine_prompts()[1]  # the joining prompt is ~40 tokens: 5 chunks
+    alone = fp32_engine.generate(joining, 0.0, 8, seed=0)[0]
+    steps.clear()
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(fp32_engine.generate, long_answer, 0.0, 40, 0)
+        while not any(decode for decode, _ in steps[-1:]):
+            time.sleep(0.005)
+        assert pool.submit(fp32_engine.generate, joining, 0.0, 8, 0).result()[0] == alone
+        first.result()
+    assert max(prompt for _, prompt in steps) <= 8 and any(decode and prompt for decode, prompt in steps)
+
+
+def test_engine_gives_its_cache_back_when_idle(fp32_engine):
+    fp32_engine.generate(engine_prompts()[0], 0.0, 4, seed=0)
+    deadline = time.monotonic() + 5
+    while fp32_engine.kv is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fp32_engine.kv is None
+
+
+def test_engine_model_error_fails_the_requests_in_flight_not_the_engine(fp32_engine, monkeypatch):
+    monkeypatch.setattr(llm, "forward", lambda *a: 1 / 0)
+    with pytest.raises(RuntimeError, match="local generation failed: ZeroDivisionError"):
+        fp32_engine.generate(engine_prompts()[0], 0.0, 4, seed=0)
+    monkeypatch.undo()
+    assert fp32_engine.generate(engine_prompts()[0], 0.0, 4, seed=0)[2] > 0

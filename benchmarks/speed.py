@@ -8,14 +8,16 @@
   2. Sandbox overhead      Sandbox.run (a fresh fork per task) of the CoT-SC solver with a canned agent vs the same
                            solver called in-process: median / p95 extra ms per sample; ms per RPC call; cold start of
                            one Sandbox (new + first run), in the mode isolation_mode() picks.
-  3. Local backend         llm.LocalEngine (continuous batching) under a loop-like arrival pattern -- workflows start at
-                           staggered times, each sends k requests at once, prompt lengths and output budgets differ --
-                           vs one request at a time on an evenly spread subset of the same requests, greedy; answers
-                           compared; peak RSS. llama.cpp single-stream on the same GGUF when llama_cpp is importable.
+  3. Local backend         llm.LocalEngine under a loop-like arrival pattern -- workflows start at staggered times,
+                           each sends k requests at once, prompt lengths and output budgets differ -- against the
+                           previous engine (llm.py of OLD_ENGINE, read from git history), each in a process of its own:
+                           tokens/s, answers compared, the longest step a decoding request waited behind a prefill, one
+                           decode step at batch 32 vs the bare matmuls of the same shapes, peak RSS; and the engine vs
+                           one request at a time on an evenly spread subset of the same requests, greedy.
   4. RLAO trainer          rlao.py's micro-batch step (length-sorted batches, action-only vocabulary projection) vs a
                            plain loop (model(..., labels=), random batches padded to their longest), same data and batch
                            size, forward + backward; padding fraction of each; the same mean NLL per action token.
-Left out: the optimiser step (the same in both trainer loops; skipping it keeps the weights, so the loss check, equal),
+Left out: llama.cpp (no wheel for these machines), the optimiser step (the same in both trainer loops; skipping it keeps the weights, so the loss check, equal),
 429 replies, the meta-agent, end-to-end runs (`python w4s.py --task math` is measured on its own), GPUs.
 Usage: python benchmarks/speed.py [--quick] [--json] [--threads 1]
 """
@@ -24,7 +26,7 @@ import sys
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # not benchmarks/: its math.py shadows math
 
-import argparse, contextlib, io, json, random, resource, statistics, tempfile, threading, time  # noqa: E402
+import argparse, contextlib, io, json, random, resource, statistics, subprocess, tempfile, threading, time, types  # noqa: E402,E501
 
 import llm  # noqa: E402
 import sandbox  # noqa: E402
@@ -57,7 +59,9 @@ def get_args(argv=None):
     a("--batch-size", type=int, default=4, help="rlao: sequences per micro-batch")
     a("--threads", type=int, default=None, help="torch threads (default: torch's). On a CPU busy with other jobs, 1 "
       "keeps OpenMP threads from spinning against them")
+    a("--local-engine", choices=["new", "old"], help=argparse.SUPPRESS)  # the child process of bench_local
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     for name, (full, quick, _) in SIZES.items():
         setattr(args, name, getattr(args, name) or (quick if args.quick else full))
     return args
@@ -157,14 +161,66 @@ def requests_for(args):
 
 
 def bench_local(args, R):
-    reqs, b = requests_for(args), bar(f"local: load {args.model}", 1)
-    engine = llm.LocalEngine(args.model)
+    """Each engine in a process of its own (a 1.5B model twice would double the RSS and blur each one's figure):
+    the engine as it is, then the engine of OLD_ENGINE, on the same requests."""
+    new, old = (run_engine_child(args, which) for which in ("new", "old"))
+    differ = [i for i, (x, y) in enumerate(zip(new["texts"], old["texts"])) if x != y]
+    R.update(local_model=args.model, local_tok_s=new["tok_s"], local_old_tok_s=old["tok_s"],
+             local_vs_old=round(new["tok_s"] / old["tok_s"], 2), local_single_tok_s=new["single_tok_s"],
+             local_batch_speedup=round(new["tok_s"] / new["single_tok_s"], 2), local_differ=new["differ"],
+             local_old_differ=differ, local_step_s=new["step_s"], local_old_step_s=old["step_s"],
+             local_matmul_s=new["matmul_s"], local_step_vs_matmul=round(new["step_s"] / new["matmul_s"], 2),
+             local_peak_rss_mb=new["rss_mb"], local_old_peak_rss_mb=old["rss_mb"],
+             local_raw=dict(new=new["raw"], old=old["raw"]))
+    rows = [("local: loop arrivals, engine / previous engine", R["local_vs_old"], ">= 2",
+             f"{new['tok_s']} vs {old['tok_s']} tok/s, {args.model}, {OLD_ENGINE}'s engine built in the same run; "
+             f"{len(differ)} of {len(new['texts'])} greedy answers differ between the two; peak RSS "
+             f"{new['rss_mb']} vs {old['rss_mb']} MB"),
+            ("local: decode step at batch 32 / bare matmuls", R["local_step_vs_matmul"], "<= 1.3",
+             f"{new['step_s']} s vs {new['matmul_s']} s for the same matmul shapes alone (previous engine's step "
+             f"{old['step_s']} s), context {STEP_CONTEXT} tokens"),
+            ("local: longest wait behind a prefill, s", new["wait_s"], "", f"{new['wait_tokens']} prompt tokens in "
+             f"that step (chunk {new['chunk']}); previous engine {old['wait_s']} s behind {old['wait_tokens']} tokens"),
+            ("local: loop arrivals / one at a time", R["local_batch_speedup"], ">= 10", f"{new['tok_s']} vs "
+             f"{new['single_tok_s']} tok/s; {len(new['differ'])} of {new['raw']['compared']} greedy answers differ "
+             f"between the two ({args.model}, {'bf16' if new['bf16'] else 'fp32'})")]
+    return rows
+
+
+OLD_ENGINE = "2643442"  # main's commit whose llm.py has the engine issue 17 measured (HF DynamicCache, whole joins)
+STEP_CONTEXT = 300
+
+
+def run_engine_child(args, which):
+    """This script again, with --local-engine: returns the one JSON line it prints."""
+    argv = args.argv + ["--phases", "local", "--local-engine", which]
+    out = subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, stdout=subprocess.PIPE, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def engine_module(which):
+    """llm as it is, or the llm.py of OLD_ENGINE read from git history (so no copy of the old code is kept)."""
+    if which == "new":
+        return llm
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = subprocess.check_output(["git", "-C", root, "show", f"{OLD_ENGINE}:llm.py"], text=True)
+    mod = types.ModuleType("llm_" + OLD_ENGINE)
+    exec(compile(code, f"{OLD_ENGINE}:llm.py", "exec"), mod.__dict__)
+    return mod
+
+
+def local_child(args, which):
+    """The figures of one engine: tokens/s under the loop's arrival pattern, the longest step a decoding request
+    waited behind a prefill, a decode step at batch 32; for the new engine also one request at a time and the bare
+    matmuls of its decode step."""
+    import torch
+    reqs, mod = requests_for(args), engine_module(which)
+    engine = mod.LocalEngine(args.model)
     engine.generate(reqs[0]["messages"], 0.0, 2, seed=0)  # warm-up: first-call costs belong to neither side
-    b.close()
-    joins, join = [], engine.join  # count the prefills (a new request joining the running batch)
-    engine.join = lambda active, cache, mask, new: (joins.append(len(new)), join(active, cache, mask, new))[1]
+    waits = record_prefill_waits(engine, which)
     gen = lambda r: engine.generate(r["messages"], 0.0, r["budget"], seed=0)  # noqa: E731
-    batched, b = [None] * len(reqs), bar("local: loop arrival pattern", len(reqs))
+    batched, b = [None] * len(reqs), bar(f"local ({which} engine): loop arrival pattern", len(reqs))
 
     def workflow(w, start):
         time.sleep(max(0.0, start - time.perf_counter()))
@@ -174,43 +230,101 @@ def bench_local(args, R):
     t0 = time.perf_counter()
     flows = [threading.Thread(target=workflow, args=(w, t0 + w * args.gap)) for w in range(args.workflows)]
     [t.start() for t in flows], [t.join() for t in flows]
-    t_batch, engine.join = time.perf_counter() - t0, join
+    t_batch = time.perf_counter() - t0
     b.close()
-    subset = sorted({round(j * (len(reqs) - 1) / max(1, args.single - 1)) for j in range(args.single)})
-    b, t0 = bar("local: one at a time", len(subset)), time.perf_counter()
-    single = {i: (gen(reqs[i]), b.update())[0] for i in subset}
-    t_single = time.perf_counter() - t0
-    b.close()
-    tok_b, tok_1 = sum(x[2] for x in batched), sum(x[2] for x in single.values())
-    differ = [i for i in subset if batched[i][0] != single[i][0]]
-    for i in differ:  # greedy near-ties can flip: bf16 rounding depends on the batch's shape
-        x, y = batched[i][0], single[i][0]
-        k = next((j for j, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
-        print(f"  local: request {i} differs from char {k}: batched {x[k:k + 40]!r} vs one at a time {y[k:k + 40]!r}")
-    R.update(local_model=args.model, local_tok_s=round(tok_b / t_batch, 2),
-             local_single_tok_s=round(tok_1 / t_single, 2),
-             local_batch_speedup=round(tok_b / t_batch / (tok_1 / t_single), 2), local_differ=differ,
-             local_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-             local_raw=dict(requests=len(reqs), batched_tokens=tok_b, batched_s=round(t_batch, 1), compared=len(subset),
-                            single_tokens=tok_1, single_s=round(t_single, 1), prefills=len(joins),
-                            prompt_tokens=[min(x[1] for x in batched), max(x[1] for x in batched)]))
-    rows = [("local: loop arrivals / one at a time", R["local_batch_speedup"], ">= 10", f"{R['local_tok_s']} vs "
-             f"{R['local_single_tok_s']} tok/s, {args.model} ({R['local_raw']}); {len(differ)} of {len(subset)} "
-             f"answers differ; peak RSS {R['local_peak_rss_mb']} MB")]
-    try:
-        import llama_cpp
-    except ImportError:
-        return rows + [("local / llama.cpp one stream", "skipped", ">= 2", "llama_cpp is not importable")]
-    d, f = llm.embedded_gguf(args.model.split(":", 1)[1])
-    lcpp = llama_cpp.Llama(model_path=os.path.join(d, f), n_ctx=2048, n_threads=args.threads or os.cpu_count(),
-                          verbose=False)
-    t0, toks = time.perf_counter(), 0
-    for i in subset:  # the same prompts and budgets as the one-at-a-time side, through the same chat template
-        text = engine.tok.apply_chat_template(reqs[i]["messages"], add_generation_prompt=True, tokenize=False)
-        toks += lcpp(text, max_tokens=reqs[i]["budget"], temperature=0.0)["usage"]["completion_tokens"]
-    R["llamacpp_tok_s"] = round(toks / (time.perf_counter() - t0), 2)
-    R["local_vs_llamacpp"] = round(R["local_tok_s"] / R["llamacpp_tok_s"], 2)
-    return rows + [("local / llama.cpp one stream", R["local_vs_llamacpp"], ">= 2", f"{R['llamacpp_tok_s']} tok/s")]
+    tok_b = sum(x[2] for x in batched)
+    wait_s, wait_tokens = max(waits, default=(0.0, 0))
+    res = dict(tok_s=round(tok_b / t_batch, 2), texts=[x[0] for x in batched], wait_s=round(wait_s, 2),
+               wait_tokens=wait_tokens, chunk=getattr(engine, "CHUNK", None), bf16=llm.best_cpu_dtype() != torch.float32,
+               raw=dict(requests=len(reqs), tokens=tok_b, seconds=round(t_batch, 1), steps_behind_prefill=len(waits),
+                        prompt_tokens=[min(x[1] for x in batched), max(x[1] for x in batched)]))
+    if which == "new":
+        subset = sorted({round(j * (len(reqs) - 1) / max(1, args.single - 1)) for j in range(args.single)})
+        b, t0 = bar("local: one at a time", len(subset)), time.perf_counter()
+        single = {i: (gen(reqs[i]), b.update())[0] for i in subset}
+        res["single_tok_s"] = round(sum(x[2] for x in single.values()) / (time.perf_counter() - t0), 2)
+        b.close()
+        res["differ"] = [i for i in subset if batched[i][0] != single[i][0]]
+        res["raw"]["compared"] = len(subset)
+        for i in res["differ"]:  # greedy near-ties can flip: bf16 rounding depends on the batch's shape
+            x, y = batched[i][0], single[i][0]
+            k = next((j for j, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+            print(f"  local: request {i} differs from char {k}: batched {x[k:k + 40]!r} vs one at a time "
+                  f"{y[k:k + 40]!r}", file=sys.stderr)
+    with torch.inference_mode():
+        res["step_s"] = round((old_decode_step if which == "old" else new_decode_step)(engine, reqs), 3)
+        res["matmul_s"] = round(bare_matmuls(engine.model), 3) if which == "new" else None
+    res["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(res))
+
+
+def record_prefill_waits(engine, which):
+    """(seconds, prompt tokens) of every engine step that prefilled while other requests were decoding."""
+    waits = []
+    if which == "old":  # a join prefills the new requests' distinct prompts as one padded batch
+        join = engine.join
+
+        def timed_join(active, cache, mask, new):
+            t = time.perf_counter()
+            try:
+                return join(active, cache, mask, new)
+            finally:
+                if active:
+                    tokens = len({tuple(r["ids"]) for r in new}) * max(len(r["ids"]) for r in new)
+                    waits.append((time.perf_counter() - t, tokens))
+        engine.join = timed_join
+    else:
+        step = engine.step
+
+        def timed_step(decoding, prefilling):
+            tokens = min(engine.CHUNK, sum(len(r["ids"]) - r["fed"] for r in prefilling))
+            t = time.perf_counter()
+            try:
+                return step(decoding, prefilling)
+            finally:
+                if decoding and tokens:
+                    waits.append((time.perf_counter() - t, tokens))
+        engine.step = timed_step
+    return waits
+
+
+def step_prompt(engine):
+    return engine.tok("Count the pencils in every box. " * STEP_CONTEXT)["input_ids"][:STEP_CONTEXT]
+
+
+def new_decode_step(engine, reqs, batch=32, reps=3):
+    """Median seconds of one decode step of `batch` requests, each with STEP_CONTEXT tokens of context (one prompt,
+    prefilled once and copied: a step's cost depends on the context, not on what it says). Call it last: the engine
+    is left with its slots taken."""
+    ids = step_prompt(engine)
+    running = [dict(ids=ids, out=[], temperature=0.0, max_tokens=10 ** 6, stop=None, slot=i, fed=0, copies=[])
+               for i in range(batch)]
+    engine.admitted.update(enumerate(running))
+    running[0]["copies"], prefilling, decoding = running[1:], running[:1], []
+    while prefilling:
+        decoding = engine.step(decoding, prefilling)
+    return statistics.median(ms(lambda: engine.step(decoding, [])) / 1000 for _ in range(reps))
+
+
+def old_decode_step(engine, reqs, batch=32, reps=3):
+    ids = step_prompt(engine)
+    running = [dict(ids=ids, out=[], temperature=0.0, max_tokens=10 ** 6, stop=None) for _ in range(batch)]
+    active, cache, mask = engine.join([], None, None, running)
+    times = []
+    for _ in range(reps):
+        times.append(ms(lambda: engine.step(active, cache, mask)) / 1000)
+        mask = engine.torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+    return statistics.median(times)
+
+
+def bare_matmuls(model, batch=32, reps=3):
+    """Median seconds of the matmuls of one decode step alone: every linear layer of the model applied to `batch`
+    rows."""
+    import torch
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
+    return statistics.median(ms(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights]) / 1000
+                             for _ in range(reps))
 
 
 # ------------------------------------------------------------------------------------------------- 4. RLAO trainer
@@ -285,6 +399,8 @@ def main(argv=None):
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    if args.local_engine:
+        return local_child(args, args.local_engine)
     phases, rows = dict(eval=bench_eval, sandbox=bench_sandbox, local=bench_local, rlao=bench_rlao), []
     for name in args.phases.split(","):
         print(f"[speed] {name} ...", file=sys.stderr)
