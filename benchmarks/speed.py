@@ -2,7 +2,7 @@
 (these machines are shared and noisy: no absolute time here is a result on its own).
 
   1. API-bound evaluation  the CoT-SC seed (5 executor calls per sample) on N samples through `w4s.main --evaluate`: the
-                           real sandbox and openai client against test_w4s.StubOpenAI on 127.0.0.1, which answers each
+                           real sandbox and openai client against benchmarks/openai_stub.py on 127.0.0.1, which answers each
                            call after a fixed delay. achieved/ideal with ideal = calls x delay / concurrency; per-call
                            overhead (sandbox -> parent -> client -> back) = wall x concurrency / calls - delay.
   2. Sandbox overhead      Sandbox.run (a fresh fork per task) of the CoT-SC solver with a canned agent vs the same
@@ -19,18 +19,13 @@
                            size, forward + backward; padding fraction of each; the same mean NLL per action token.
 Left out: llama.cpp (no wheel for these machines), the optimiser step (the same in both trainer loops; skipping it keeps the weights, so the loss check, equal),
 429 replies, the meta-agent, end-to-end runs (`python w4s.py --task math` is measured on its own), GPUs.
-Usage: python benchmarks/speed.py [--quick] [--json] [--threads 1]
+Usage, from the repository root: python -m benchmarks.speed [--quick] [--json] [--threads 1]
 """
-import os
-import sys
+import argparse, contextlib, io, json, os, random, resource, statistics, subprocess, sys, tempfile, threading, time, types
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # not benchmarks/: its math.py shadows math
-
-import argparse, contextlib, io, json, random, resource, statistics, subprocess, tempfile, threading, time, types  # noqa: E402,E501
-
-import llm  # noqa: E402
-import sandbox  # noqa: E402
-import w4s  # noqa: E402
+import llm
+import sandbox
+import w4s
 
 SIZES = {  # name: (full run, --quick, help)
     "samples": (128, 48, "eval: samples per concurrency level (--quick: 16 at concurrency 1)"),
@@ -80,30 +75,22 @@ def ms(fn):
 
 # ------------------------------------------------------------------------------------------------- 1. evaluation
 def bench_eval(args, R):
-    import test_w4s
-    server, tmp = test_w4s.StubOpenAI(delay=args.delay), tempfile.mkdtemp(prefix="w4s-speed-")
+    from benchmarks.openai_stub import OpenAIStub
+    server, tmp = OpenAIStub(delay=args.delay), tempfile.mkdtemp(prefix="w4s-speed-")
     task = os.path.join(tmp, "sums.jsonl")
     with open(task, "w") as f:  # custom tasks keep 20 % of the lines for validation, the rest is the test split
         f.writelines(json.dumps(dict(id=f"s{i}", question=f"Compute {10 + i} + {3 * i}.", answer=str(10 + 4 * i)))
                      + "\n" for i in range(args.samples * 5 // 4 + 2))
-    walls, rows, evaluate, root = [], [], w4s.evaluate, llm.CACHE_ROOT
-
-    def timed_evaluate(*a, **kw):  # time evaluate() itself: the run's setup is not evaluation
-        t = time.perf_counter()
-        try:
-            return evaluate(*a, **kw)
-        finally:
-            walls.append(time.perf_counter() - t)
-    w4s.evaluate = timed_evaluate
+    rows, cache = [], os.environ.get("W4S_CACHE_DIR")
     try:
         for c in args.concurrency:
             n = min(args.samples, 16) if args.quick and c == 1 else args.samples
-            llm.CACHE_ROOT, out = tempfile.mkdtemp(dir=tmp), io.StringIO()  # a fresh call cache: no hits
+            os.environ["W4S_CACHE_DIR"], out = tempfile.mkdtemp(dir=tmp), io.StringIO()  # a fresh call cache: no hits
             with contextlib.redirect_stdout(out):
                 rc = w4s.main(["--task", task, "--scorer", "numeric", "--executor", server.url + ":exec", "--evaluate",
                                "cot_sc", "--split", "test", "--limit", str(n), "--concurrency", str(c)])
             res = json.loads(out.getvalue().strip().splitlines()[-1])
-            calls, wall = res["usage"]["executor"]["calls"], walls[-1]
+            calls, wall = res["usage"]["executor"]["calls"], res["seconds"]  # evaluate() alone, not the run's setup
             assert rc == 0 and res["n"] == n and res["failed"] == 0, res
             ideal = calls * args.delay / c
             R[f"eval_ratio_c{c}"] = round(ideal / wall, 3)
@@ -113,7 +100,10 @@ def bench_eval(args, R):
                          f"{n} samples, {calls} calls in {wall:.2f} s, ideal {ideal:.2f} s; "
                          f"{R[f'eval_overhead_ms_c{c}']} ms per call beyond {args.delay * 1000:.0f} ms"))
     finally:
-        w4s.evaluate, llm.CACHE_ROOT = evaluate, root
+        if cache is None:
+            os.environ.pop("W4S_CACHE_DIR", None)
+        else:
+            os.environ["W4S_CACHE_DIR"] = cache
         server.shutdown()
     return rows
 
@@ -194,8 +184,9 @@ STEP_CONTEXT = 300
 def run_engine_child(args, which):
     """This script again, with --local-engine: returns the one JSON line it prints."""
     argv = args.argv + ["--phases", "local", "--local-engine", which]
-    out = subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, stdout=subprocess.PIPE, text=True,
-                         check=True).stdout
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "benchmarks.speed"] + argv, stdout=subprocess.PIPE, text=True,
+                         check=True, cwd=root).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
