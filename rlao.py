@@ -269,7 +269,7 @@ def sample_and_screen(spec, states, k, max_tokens):
     spec, cached), each pre-screened against the state's workflows only (not against its sibling samples, so each
     action's status is its own). Returns one row per action in trajectory.jsonl's shape, status None if it passed."""
     import llm, w4s
-    meta = llm.LLM(spec, "meta_agent", llm.Ledger(), llm.Cache(os.path.join(llm.CACHE_ROOT, "calls.sqlite")))
+    meta = llm.LLM(spec, "meta_agent", llm.Ledger(), llm.Cache(os.path.join(llm.cache_root(), "calls.sqlite")))
 
     def one(job):
         s, j = job

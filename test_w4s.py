@@ -1438,9 +1438,9 @@ def test_kill_9_at_six_points_then_resume_matches_an_uninterrupted_run(sums_task
     run_dir.mkdir()
     state = {}
 
-    def kill_when_stored():
-        deadline = time.time() + 5
-        while cache_rows(cache) < len(srv.answered) and time.time() < deadline:
+    def kill_when_stored():  # requests let through before the halt finish first, then their replies are stored
+        deadline = time.time() + 10
+        while (srv.in_flight() or cache_rows(cache) < len(srv.answered)) and time.time() < deadline:
             time.sleep(0.02)
         state["unstored"] = len(srv.answered) - cache_rows(cache)
         os.kill(state["proc"].pid, signal.SIGKILL)

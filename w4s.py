@@ -697,7 +697,8 @@ def play_turn(episode, meta, executor, run, it):
     for c in cands:
         c["acc"] = c["ev"].accuracy if "ev" in c else None
         c["cases"] = feedback_cases(c["ev"], run.args.seed) if "ev" in c else []
-        c["reward"] = reward(c["acc"], episode["best"], episode["prev"], run.args.reward) if c["acc"] is not None else 0.0
+        evaluated = c["acc"] is not None
+        c["reward"] = reward(c["acc"], episode["best"], episode["prev"], run.args.reward) if evaluated else 0.0
     ok = [c for c in cands if c["status"] == "ok"]
     return cands, max(ok, key=lambda c: c["acc"]) if ok else None
 
@@ -953,7 +954,8 @@ def run_optimization(run, executor, meta):
                              json.dumps(dict(saved_config(run), version=VERSION), indent=1))
     from tqdm import tqdm
     log = lambda msg: tqdm.write(f"[w4s] {msg}", file=sys.stderr)  # noqa: E731 (prints above the progress bars)
-    trajectory = report_html.Trajectory(os.path.join(run.out, "trajectory.jsonl"), resume=bool(run.args.resume), log=log)
+    trajectory = report_html.Trajectory(os.path.join(run.out, "trajectory.jsonl"), resume=bool(run.args.resume),
+                                        log=log)
     if is_local_spec(run.args.meta_agent) and is_local_spec(run.args.executor):
         log(f"offline: local models, meta-agent {run.args.meta_agent} -> executor {run.args.executor} "
             "(set OPENAI_API_KEY or --executor to use an API)")

@@ -31,9 +31,9 @@ class OpenAIStub(http.server.ThreadingHTTPServer):
     turn, or a function of the request body (deterministic under concurrency). `api_key`: other keys get 401.
     `requests` holds every POST body, `answered` those whose whole reply was sent. `halt_after=N`: once N replies
     were sent, hold every further request unanswered and call `on_halt()` once in a thread (tests kill the client
-    there, so "answered before the kill" is exact); `release()` lets the held handlers go. `context=N`: refuse, as
-    llama.cpp does (HTTP 400, its error body with n_ctx), a request whose prompt (~4 characters a token) plus
-    max_tokens exceeds N tokens; `refused` counts those. `log` holds every answered body, meta-agent's too."""
+    there once `in_flight()` is 0, so "answered before the kill" is exact); `release()` lets the held handlers go.
+    `context=N`: refuse, as llama.cpp does (HTTP 400, its error body with n_ctx), a request whose prompt (~4
+    characters a token) plus max_tokens exceeds N tokens; `refused` counts those. `log` holds every answered body."""
     daemon_threads = True
 
     def __init__(self, meta_system=None, meta_replies=(), delay=0.0, faults=(), api_key=None, halt_after=None,
@@ -44,7 +44,7 @@ class OpenAIStub(http.server.ThreadingHTTPServer):
         self.delay, self.faults, self.api_key, self.fault_sleep = delay, list(faults), api_key, fault_sleep
         self.log, self.lock, self.meta_count = [], threading.Lock(), 0
         self.requests, self.answered, self.halt_after, self.on_halt = [], [], halt_after, on_halt
-        self.halted, self.released = False, threading.Event()
+        self.halted, self.released, self.held = False, threading.Event(), 0
         self.context, self.refused = context, 0
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -71,7 +71,13 @@ class OpenAIStub(http.server.ThreadingHTTPServer):
         if not self.halted:
             self.halted = True
             threading.Thread(target=self.on_halt or (lambda: None), daemon=True).start()
+        self.held += 1
         return True
+
+    def in_flight(self):
+        """Requests let through before the halt that are not answered yet (their replies are still to come)."""
+        with self.lock:
+            return len(self.requests) - self.held - len(self.answered)
 
     def release(self):
         self.released.set()
