@@ -173,8 +173,11 @@ def snippet_harness(src):
     return str(value)
 
 
+SNIPPET_HARNESS = inspect.getsource(snippet_harness)  # read once, not on every execute_code call
+
+
 def run_snippet(code, timeout):
-    harness = sandbox.shared(inspect.getsource(snippet_harness), filename="harness.py", preimport=("sympy",))
+    harness = sandbox.shared(SNIPPET_HARNESS, filename="harness.py", preimport=("sympy",))
     out = harness.run("snippet_harness", code, timeout=timeout)
     return str(out.value) if out.ok else f"Error: {out.error}"
 
