@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 import uuid
+from collections import Counter
 
 import pytest
 import torch
@@ -218,6 +219,19 @@ def test_a_workflow_holding_the_skeletons_placeholder_fails_the_prescreen():
     assert status == "broken" and "placeholder" in reason
 
 
+def test_near_copy_sees_through_renamed_variables_and_unused_imports():
+    archive = [dict(name="self_refine", code=w4s.SEED_WORKFLOWS["self_refine"])]
+    renamed = "import re\n" + w4s.SEED_WORKFLOWS["self_refine"].replace("draft", "attempt").replace("feedback", "rev")
+    assert w4s.near_copy(renamed, archive) == "self_refine"
+
+
+def test_near_copy_lets_a_one_word_change_of_behaviour_through():
+    """Logged in run default-5: self_refine returning the review instead of the draft is a new (bad) workflow."""
+    archive = [dict(name="self_refine", code=w4s.SEED_WORKFLOWS["self_refine"])]
+    edited = w4s.SEED_WORKFLOWS["self_refine"].replace("        return draft", "        return feedback")
+    assert edited != w4s.SEED_WORKFLOWS["self_refine"] and w4s.near_copy(edited, archive) is None
+
+
 def test_near_copy_lets_real_edits_through():
     archive = [dict(name="cot", code=w4s.SEED_WORKFLOWS["cot"])]
     assert w4s.near_copy(w4s.SEED_WORKFLOWS["self_refine"], archive) is None
@@ -261,7 +275,7 @@ def test_every_sample_drawn_is_logged_with_its_status_and_reward(default_run):
     for it in (1, 2):
         samples = [r["sample"] for r in rows if r["iteration"] == it]
         assert samples == list(range(len(samples))) and 3 <= len(samples) <= 9  # m = 3, at most 3m drawn
-    statuses = {"unextractable", "near-copy", "broken", "error", "discarded", "ok"}
+    statuses = {"unextractable", "near-copy", "broken", "spare", "error", "discarded", "ok"}
     assert all(r["status"] in statuses and isinstance(r["reward"], float) for r in rows)
     assert all(r["reward"] == 0 for r in rows if r["val_accuracy"] is None)
 
@@ -361,6 +375,15 @@ def test_resampling_reaches_m_evaluated_candidates_when_every_other_sample_is_a_
         turn = [r for r in rows if r["iteration"] == it]
         assert sum(r["val_accuracy"] is not None for r in turn) == 3 and len(turn) <= 9
         assert any(r["status"] == "near-copy" for r in turn)
+
+
+def test_a_short_first_draw_is_followed_by_one_draw_of_the_other_2m_and_passes_past_m_are_spare(sums_task, tmp_path):
+    srv = StubOpenAI(meta_replies=fresh_workflows(copy_every=3))  # per turn: 1 of the first 2 and 1 of the next 4 copy
+    stub_run(srv, sums_task, tmp_path / "run", "--samples", "2", "--iterations", "1")
+    srv.shutdown()
+    turn = [r["status"] for r in read_trajectory(tmp_path / "run")]
+    assert len(turn) == 6 and Counter(s in ("ok", "discarded") for s in turn)[True] == 2
+    assert Counter(turn)["spare"] == 2 and Counter(turn)["near-copy"] == 2
 
 
 def test_meta_prompt_shows_the_extracted_answer_after_long_reasoning(sums_task, tmp_path):

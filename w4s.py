@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import builtins
 import collections
 import concurrent.futures as cf
 import contextlib
@@ -441,28 +442,63 @@ def extract_workflow(reply):
 
 
 def normalized(code):
-    """Code as it runs: without comments, docstring formatting, whitespace, or statements after a return or raise
-    (a seed with dead code appended is still the seed), for near-copy detection."""
+    """(structure, prompts) of code as it runs, for near-copy detection. The structure is the program with its
+    string literals blanked, its local names renamed in order of appearance, and no comments, docstrings, unused
+    imports or statements after a return or raise (a seed with dead code appended is still the seed); the prompts
+    are its string literals with whitespace collapsed."""
     try:
         tree = ast.parse(code)
     except SyntaxError:
-        return code
+        return code, ""
     for node in ast.walk(tree):
         for field in ("body", "orelse", "finalbody"):
             body = getattr(node, field, None)
             if isinstance(body, list):
                 end = next((i for i, s in enumerate(body) if isinstance(s, (ast.Return, ast.Raise))), len(body))
-                body[end + 1:] = []
-    return ast.unparse(tree)
+                body[:] = [s for s in body[:end + 1] if not is_docstring(s)] or [ast.Pass()]
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            node.names = [a for a in node.names if bound_name(a) in used]
+    tree.body = [s for s in tree.body if not isinstance(s, (ast.Import, ast.ImportFrom)) or s.names]
+    imported = {bound_name(a) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    names, prompts = {}, []
+    for node in ast.walk(tree):  # breadth-first: two programs that differ only in names get the same numbering
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            prompts.append(" ".join(node.value.split()))
+            node.value = ""
+        elif isinstance(node, ast.Name) and node.id not in imported and not hasattr(builtins, node.id):
+            node.id = names.setdefault(node.id, f"v{len(names)}")
+        elif isinstance(node, ast.arg):
+            node.arg = names.setdefault(node.arg, f"v{len(names)}")
+        elif isinstance(node, ast.FunctionDef) and node.name != "solver":
+            node.name = names.setdefault(node.name, f"v{len(names)}")
+    return ast.unparse(tree), "\n".join(prompts)
 
 
-def near_copy(code, archive, threshold=0.95):
-    """Name of the archive workflow this code nearly copies, or None. Copies cost evaluation and teach nothing."""
-    mine = normalized(code)
+def bound_name(alias):
+    return (alias.asname or alias.name).split(".")[0]
+
+
+def is_docstring(stmt):
+    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)
+
+
+def near_copy(code, archive):
+    """Name of the archive workflow this code nearly copies, or None: the same structure (see normalized) and
+    prompts that differ in at most 5 % or 3 characters. Any change to what the program does, however small, is a
+    new workflow: the principles ask for one change at a time. Copies cost evaluation and teach nothing."""
+    structure, prompts = normalized(code)
     for w in archive:
-        if difflib.SequenceMatcher(None, mine, normalized(w["code"])).ratio() >= threshold:
+        other, other_prompts = normalized(w["code"])
+        if structure == other and chars_changed(prompts, other_prompts) <= max(3, 0.05 * len(other_prompts)):
             return w["name"]
     return None
+
+
+def chars_changed(a, b):
+    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    return sum(max(i2 - i1, j2 - j1) for op, i1, i2, j1, j2 in ops if op != "equal")
 
 
 def fake_agent_rpc(method, params):
@@ -671,17 +707,21 @@ def new_episode(seed_archive, latest):
 
 def draw_candidates(meta, episode, run, it):
     """Sample the meta-agent until m actions pass the free pre-screen or 3m were drawn (new sample indices each
-    time). A copy of a workflow the episode has seen, or of an earlier sample of this turn, does not count.
+    time): m at first, then, if fewer passed, all the other 2m at once (a local model decodes them in one batch, in
+    about the time of one; an API pays for up to 2m - 1 samples more). A pass beyond the m-th is logged as "spare",
+    not evaluated. A copy of a workflow the episode has seen, or of an earlier sample of this turn, does not count.
     Returns every sample, each with its messages, action, code and pre-screen status (None: passed)."""
     m, drawn, passed = run.args.samples, [], 0
     while passed < m and len(drawn) < 3 * m:
-        batch = range(len(drawn), min(len(drawn) + m - passed, 3 * m))
+        batch = range(len(drawn), 3 * m if drawn else m)
         with phase(run, "meta_agent_generation"):
             replies = list(run.meta_pool.map(lambda j: ask_meta(meta, episode, run, 100 * it + j), batch))
         for j, (messages, reply) in zip(batch, replies):
             known = episode["known"] + [dict(name=f"sample {c['sample']} of this turn", code=c["code"]) for c in drawn
-                                        if c["status"] is None]
+                                        if c["status"] in (None, "spare")]
             code, status, reason = prescreen(reply, known, run.val[0], run.args.timeout)
+            if status is None and passed == m:
+                status, reason = "spare", f"passed the pre-screen after {m} others had: not evaluated"
             drawn.append(dict(sample=j, messages=messages, action=reply, first_action=reply, code=code,
                               status=status, reason=reason, debug=[]))
             passed += status is None
@@ -832,7 +872,7 @@ class Run:
     splits: dict  # the whole val and test splits, for --evaluate --limit
     ledger: Ledger
     pool: cf.ThreadPoolExecutor  # every validation sample in flight, across all workflows at once
-    meta_pool: cf.ThreadPoolExecutor  # the m meta-agent samples of a turn
+    meta_pool: cf.ThreadPoolExecutor  # a turn's meta-agent samples (up to 2m at once) and its m candidates
     out: str
     meta_context: int
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
@@ -854,7 +894,7 @@ def setup(args):
     run = Run(args=args, task=task, splits=dict(val=val, test=test), ledger=ledger,
               val=random.Random(args.seed).sample(val, min(args.val_size, len(val))),
               test=random.Random(args.seed + 1).sample(test, min(args.test_size, len(test))),
-              pool=cf.ThreadPoolExecutor(args.concurrency), meta_pool=cf.ThreadPoolExecutor(max(args.samples, 1)),
+              pool=cf.ThreadPoolExecutor(args.concurrency), meta_pool=cf.ThreadPoolExecutor(max(2 * args.samples, 1)),
               out=args.out or os.path.join("runs", f"{args.task.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"),
               meta_context=args.meta_context)
     cache = Cache(os.path.join(llm.cache_root(), "calls.sqlite"))
