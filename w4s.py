@@ -11,8 +11,8 @@ One file, read top-down, in the order of the paper's MDP (arXiv 2504.04785, Sec.
                         scorer compared); shortened to fit the meta-agent's context.
   5. Action a_t         the meta-agent's reply; we extract the ```python block that defines `solver`. The free
                         pre-screen (extractable, not a near-copy, a dry run against canned replies) redraws failures.
-  6. Transition         self-check on one sample + self-debug (<= 3 repairs), sandboxed evaluation on the fixed
-                        validation split, discard at accuracy <= 0.05.
+  6. Transition         sandboxed evaluation on the fixed validation split, whose first sample is the self-check
+                        (on its error: self-debug, <= 3 repairs, evaluate again), discard at accuracy <= 0.05.
   7. Reward             discrete (paper) or continuous, in `reward()`; "best" is fixed at the episode's start.
   8. The loop           m evaluated candidates per turn, best-of-m continues the conversation; every
                         `context_window` turns a new episode starts from the seeds + the latest generated workflow
@@ -607,42 +607,42 @@ def feedback_cases(ev, seed, k=10):
                  correct=c["score"] >= 1, error=c["error"]) for c in (bad + good)[:k]]
 
 
-def self_check_and_debug(cand, archive, meta, executor, run):
-    """The paper's self-check on one validation sample; on an error, self-debug: show the meta-agent the traceback
-    (the workflow's own line numbers) and let it repair, at most DEBUG_ROUNDS times. A repair passes the same free
-    pre-screen. On success the candidate's action and messages become the repair that produced the code."""
-    for attempt in range(DEBUG_ROUNDS + 1):
-        with sandbox.Sandbox(cand["code"], prelude=AGENT_PRELUDE) as box:
-            error = run_sample(box, run.val[0], executor, run)["error"]
-        if error is None:
-            return None
-        cand["debug"].append(dict(code=cand["code"], error=error))
-        if attempt == DEBUG_ROUNDS:
-            return error
-        fix = cand["messages"] + [{"role": "assistant", "content": cand["action"]},
-                                  {"role": "user", "content": f"Your workflow failed:\n{error}\n\nFix it. Reply with "
-                                   "the whole corrected workflow in one ```python block that defines solver(agent, "
-                                   "task)."}]
-        budget = run.meta_context - estimate_tokens(fix)
-        if budget < MIN_REPLY:
-            return error + "\n(no room left in the meta-agent's context for a repair)"
-        reply = meta.chat(fix, temperature=0.7, max_tokens=min(budget, run.args.meta_max_tokens), sample=cand["sample"],
-                          stop=META_STOP)
-        code, status, reason = prescreen(reply, archive, run.val[0], run.args.timeout)
-        if status:
-            return f"the repair was {status}: {reason}"
-        cand.update(code=code, action=reply, messages=fix)
-
-
 def transition(cand, archive, meta, executor, run):
-    """From a pre-screened action to an evaluated candidate: self-check and self-debug, then the validation split;
-    a candidate at accuracy <= 0.05 is discarded (paper)."""
-    error = self_check_and_debug(cand, archive, meta, executor, run)
-    if error is not None:
-        return dict(cand, status="error", reason=clip(error, 1500))
-    ev = evaluate(cand["code"], run.val, executor, run, desc=f"candidate {cand['sample']}")
-    status = "ok" if ev.accuracy > 0.05 else "discarded"
-    return dict(cand, status=status, ev=ev, reason="" if status == "ok" else f"validation accuracy {ev.accuracy:.2f}")
+    """From a pre-screened action to an evaluated candidate. The paper's self-check is the first validation sample,
+    run together with the rest of the split: a workflow that passed the dry run nearly always passes it (6 of 6
+    in runs default-2..5), and checking it alone first cost one serial chain of executor calls per candidate. On an
+    error there, self-debug: show the meta-agent the traceback (the workflow's own line numbers), let it repair,
+    evaluate again, at most DEBUG_ROUNDS times. A candidate at accuracy <= 0.05 is discarded (paper)."""
+    for attempt in range(DEBUG_ROUNDS + 1):
+        ev = evaluate(cand["code"], run.val, executor, run, desc=f"candidate {cand['sample']}")
+        error = ev.cases[0]["error"]
+        if error is None:
+            status = "ok" if ev.accuracy > 0.05 else "discarded"
+            return dict(cand, status=status, ev=ev, reason="" if status == "ok" else
+                        f"validation accuracy {ev.accuracy:.2f}")
+        cand["debug"].append(dict(code=cand["code"], error=error))
+        failure = error if attempt == DEBUG_ROUNDS else repair(cand, error, archive, meta, run)
+        if failure:
+            return dict(cand, status="error", reason=clip(failure, 1500))
+
+
+def repair(cand, error, archive, meta, run):
+    """One self-debug round: the meta-agent sees its workflow's error and replies with a corrected one, which must
+    pass the same free pre-screen. On success the candidate's code, action and messages become the repair's (RLAO
+    trains on the reply that produced the evaluated code); returns None, else why the repair failed."""
+    fix = cand["messages"] + [{"role": "assistant", "content": cand["action"]},
+                              {"role": "user", "content": f"Your workflow failed:\n{error}\n\nFix it. Reply with the "
+                               "whole corrected workflow in one ```python block that defines solver(agent, task)."}]
+    budget = run.meta_context - estimate_tokens(fix)
+    if budget < MIN_REPLY:
+        return error + "\n(no room left in the meta-agent's context for a repair)"
+    reply = meta.chat(fix, temperature=0.7, max_tokens=min(budget, run.args.meta_max_tokens), sample=cand["sample"],
+                      stop=META_STOP)
+    code, status, reason = prescreen(reply, archive, run.val[0], run.args.timeout)
+    if status:
+        return f"the repair was {status}: {reason}"
+    cand.update(code=code, action=reply, messages=fix)
+    return None
 
 
 META_STOP = ["\n```\n"]  # a small meta-agent rambles on after its block; stopping there saves most of a CPU turn
