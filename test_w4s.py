@@ -187,6 +187,13 @@ def test_extract_accepts_unclosed_block_cut_by_stop_string():
     assert err is None and code.strip().endswith("return task")
 
 
+def test_a_workflow_holding_backticks_in_a_string_is_extracted_whole():
+    """Run default-6: 2 of 18 samples wrote the worked example's reply.split("```python") and were cut there."""
+    code = 'def solver(agent, task):\n    reply = agent.call_llm(task)\n    return reply.split("```python")[-1].split("```")[0]\n'
+    got, err = w4s.extract_workflow("Analysis: run the code.\n```python\n" + code + "```\nDone.")
+    assert err is None and got == code
+
+
 def test_near_copy_ignores_comments_and_whitespace():
     archive = [dict(name="cot", code=w4s.SEED_WORKFLOWS["cot"])]
     copy = "# my great idea\n" + w4s.SEED_WORKFLOWS["cot"].replace("    return", "\n    return")

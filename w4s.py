@@ -75,7 +75,7 @@ def parse_args(argv=None):
                    "API executor, 3 with embedded models)")
     p.add_argument("--samples", type=int, default=None, help="m: meta-agent candidates evaluated per turn (samples that "
                    "fail the free pre-screen are redrawn, up to 3m); the best one continues (default 5 with an API "
-                   "executor, 2 with embedded models)")
+                   "executor, 3 with embedded models)")
     p.add_argument("--context-window", type=int, default=2, help="turns per episode: then the conversation restarts "
                    "from the seeds plus the latest generated workflow (as the official code does)")
     p.add_argument("--val-size", type=int, default=None, help="validation examples the meta-agent is scored on "
@@ -121,7 +121,7 @@ def apply_defaults(args):
     args.meta_agent = args.meta_agent or "embedded:qwen2.5-coder-0.5b"
     args.executor = args.executor or ("gpt-4o-mini" if has_key else "embedded:qwen2.5-coder-1.5b")
     local = is_local_spec(args.executor)
-    for name, api, offline in [("iterations", 30, 3), ("samples", 5, 2), ("val_size", 50, 8),
+    for name, api, offline in [("iterations", 30, 3), ("samples", 5, 3), ("val_size", 50, 8),
                                ("test_size", 200, 8), ("timeout", 120.0, 1800.0), ("max_tokens", 2048, 512),
                                ("concurrency", 16, llm.LocalEngine.MAX_BATCH)]:
         if getattr(args, name) is None:

@@ -165,8 +165,9 @@ def choice_letter(answer, letters='ABCD'):
 
 
 def code_blocks(text):
-    """The ```python (or bare ```) blocks of a reply, in order; a last block cut off by the token limit counts."""
-    return re.findall(r'```(?:python|py)?[ \t]*\n(.*?)(?:\n?```|$)', text, flags=re.S)
+    """The ```python (or bare ```) blocks of a reply, in order; a last block cut off by the token limit counts. A
+    fence closes a block only where it ends its line: code may hold ``` in a string (reply.split("```python"))."""
+    return re.findall(r'```(?:python|py)?[ \t]*\n(.*?)(?:\n?```[ \t]*(?:\n|$)|$)', text, flags=re.S)
 
 
 def extract_code(answer, entry_point=None):
