@@ -84,8 +84,8 @@ def parse_args(argv=None):
                    "test scoring (default 200 with an API executor, 8 with embedded models)")
     p.add_argument("--test-all-seeds", action="store_true", help="score every seed on the test split, not only the "
                    "best seed (on validation) beside the best workflow found")
-    p.add_argument("--concurrency", type=int, default=None, help="max executor calls (and workflow samples) in flight "
-                   "across all workflows (default 16 with an API; offline 32, the local engine's batch)")
+    p.add_argument("--concurrency", type=int, default=16, help="max executor calls (and workflow samples) in flight "
+                   "across all workflows")
     p.add_argument("--timeout", type=float, default=None, help="wall-clock seconds per validation sample in the sandbox "
                    "(default 120 with an API executor, 1800 with embedded models)")
     p.add_argument("--max-tokens", type=int, default=None, help="executor reply budget per call (default 2048 with an "
@@ -122,8 +122,7 @@ def apply_defaults(args):
     args.executor = args.executor or ("gpt-4o-mini" if has_key else "embedded:qwen2.5-coder-1.5b")
     local = is_local_spec(args.executor)
     for name, api, offline in [("iterations", 30, 3), ("samples", 5, 3), ("val_size", 50, 8),
-                               ("test_size", 200, 8), ("timeout", 120.0, 1800.0), ("max_tokens", 2048, 512),
-                               ("concurrency", 16, llm.LocalEngine.MAX_BATCH)]:
+                               ("test_size", 200, 8), ("timeout", 120.0, 1800.0), ("max_tokens", 2048, 512)]:
         if getattr(args, name) is None:
             setattr(args, name, offline if local else api)
     return args
