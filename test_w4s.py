@@ -354,7 +354,8 @@ def test_a_dry_run_failure_is_redrawn_without_any_executor_call(sums_task, tmp_p
     srv = StubOpenAI(meta_replies=lambda body: block(next(drawn)))
     stub_run(srv, sums_task, tmp_path / "run", "--iterations", "1", "--samples", "1")
     srv.shutdown()
-    assert [r["status"] for r in read_trajectory(tmp_path / "run")] == ["broken", "broken", "ok"]
+    statuses = [r["status"] for r in read_trajectory(tmp_path / "run")]  # the redraw of 2m runs concurrently
+    assert statuses[0] == "broken" and sorted(statuses[1:]) == ["broken", "ok"]
     assert not any("never sent" in json.dumps(b) for b in srv.log if not is_meta(b))
 
 
