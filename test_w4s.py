@@ -194,6 +194,14 @@ def test_a_workflow_holding_backticks_in_a_string_is_extracted_whole():
     assert err is None and got == code
 
 
+@pytest.mark.parametrize("depth,expected", [(500, None), (3000, "unextractable"), (20000, "unextractable")])
+def test_a_deeply_nested_reply_gets_a_prescreen_status_instead_of_crashing_the_run(depth, expected):
+    """ast.unparse (near-copy check), ast.parse and the parser give out in turn; 500 negations is a valid workflow."""
+    reply = "```python\ndef solver(agent, task):\n    return " + "-" * depth + "1\n```"
+    archive = [dict(name="cot", code=w4s.SEED_WORKFLOWS["cot"])]
+    assert w4s.prescreen(reply, archive, {"question": "Compute 1 + 2."}, timeout=10)[1] == expected
+
+
 def test_near_copy_ignores_comments_and_whitespace():
     archive = [dict(name="cot", code=w4s.SEED_WORKFLOWS["cot"])]
     copy = "# my great idea\n" + w4s.SEED_WORKFLOWS["cot"].replace("    return", "\n    return")

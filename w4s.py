@@ -421,6 +421,9 @@ def ask_meta(meta, episode, run, sample):
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Action a_t -> workflow code, and the free pre-screen (no executor call)
 
+UNPARSABLE = (RecursionError, MemoryError, ValueError)  # what ast raises on ~500+ nested operators or a null byte
+
+
 def extract_workflow(reply):
     """Return (code, error). We take the FIRST ```python block that defines solver(agent, task): the 0.5B
     meta-agent often appends usage examples or a second variant after its workflow (measured: see README)."""
@@ -433,6 +436,9 @@ def extract_workflow(reply):
             tree = ast.parse(block)
         except SyntaxError as e:
             errors.append(f"SyntaxError: {e.msg} (line {e.lineno})")
+            continue
+        except UNPARSABLE as e:  # hostile or runaway code must not crash the run: it is just not a workflow
+            errors.append(f"{type(e).__name__}: the code does not parse (nested too deeply, or a null byte)")
             continue
         fns = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "solver"]
         if fns and len(fns[-1].args.args) == 2:
@@ -448,9 +454,13 @@ def normalized(code):
     imports or statements after a return or raise (a seed with dead code appended is still the seed); the prompts
     are its string literals with whitespace collapsed."""
     try:
-        tree = ast.parse(code)
-    except SyntaxError:
+        return program_and_prompts(ast.parse(code))
+    except (SyntaxError, *UNPARSABLE):  # too deep for ast.unparse: compare the text
         return code, ""
+
+
+def program_and_prompts(tree):
+    """normalized() on a parsed tree, which it edits in place."""
     for node in ast.walk(tree):
         for field in ("body", "orelse", "finalbody"):
             body = getattr(node, field, None)
