@@ -162,15 +162,21 @@ class LocalEngine:
     request outgrows it and is freed when the engine goes idle, so no step concatenates or pads a cache. Decode
     attention is one call over the slots, with each kv head's group of query heads as rows (CPU SDPA is several times
     slower with enable_gqa); a prompt chunk attends over its own slot. Identical prompts (the m samples of a
-    meta-agent turn, CoT-SC's n samples) are prefilled once and the slot copied. Greedy decoding gives the same
-    outputs batched as one at a time in fp32 (rounding differences, from matmuls and attention of other shapes, stay
-    far below the logit gaps); in bf16 near-ties can flip.
+    meta-agent turn, CoT-SC's n samples) are prefilled once and the slot copied. When no prompt waits and at most 8
+    requests decode (the tail of a workflow's serial calls, a turn's last samples), a step would leave the matmuls
+    nearly idle, so each request also feeds a draft of up to MAX_DRAFT tokens looked up in its own prompt and reply
+    (`draft`) and keeps the longest prefix the model agrees with (`accept`: exact for greedy and sampled requests).
+    Greedy decoding gives the same outputs batched, drafted or one at a time in fp32 (rounding differences, from
+    matmuls and attention of other shapes, stay far below the logit gaps); in bf16 near-ties can flip.
     Left out: other architectures (sliding windows, MoE, QK norms; they raise UserError), sharing a common prefix of
-    different prompts, fused or quantised weights (fusing Q/K/V and gate/up made those matmuls 15-25 % faster but kept
-    1.7 GB more resident), CUDA graphs / torch.compile."""
+    different prompts, a draft model, fused or quantised weights (fusing Q/K/V and gate/up made those matmuls 15-25 %
+    faster but kept 1.7 GB more resident; int8 weights through aten._weight_int8pack_mm were faster than bf16 only at
+    1-2 rows), CUDA graphs / torch.compile."""
 
     MAX_BATCH = 32  # requests admitted at once (decoding or prefilling): one cache slot each
     CHUNK = 256     # prompt tokens per step
+    DRAFT_STEP = 16  # tokens of a decode step that drafts: a bf16 matmul over 16 rows costs about what one row does
+    MAX_DRAFT = 7   # drafted tokens per request and step
 
     def __init__(self, spec, dtype=None):
         import torch
@@ -180,6 +186,7 @@ class LocalEngine:
         self.stop_ids = {i for i in [self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"),
                                      self.tok.convert_tokens_to_ids("<|endoftext|>")] if isinstance(i, int) and i >= 0}
         self.kv, self.admitted = None, {}  # admitted: cache slot -> request, from admission until release
+        self.drafted = self.accepted = 0  # draft tokens verified / kept, over the engine's life
         self.inbox = queue.Queue()
         threading.Thread(target=self.loop, daemon=True).start()
 
@@ -230,7 +237,9 @@ class LocalEngine:
 
     def step(self, decoding, prefilling):
         """One forward pass: the last token of every decoding request, then the next CHUNK prompt tokens in arrival
-        order. Returns the requests decoding after this step (finished ones are released)."""
+        order; or, when no prompt waits and few requests decode, each decoding request's last token plus a draft of
+        the tokens that follow it (`draft`), verified in the same pass. Returns the requests decoding after this step
+        (finished ones are released)."""
         chunks, budget = [], self.CHUNK
         for r in prefilling:
             if budget == 0:
@@ -238,13 +247,29 @@ class LocalEngine:
             n = min(budget, len(r["ids"]) - r["fed"])
             chunks.append((r, r["ids"][r["fed"]:r["fed"] + n]))
             budget -= n
-        self.reserve(max(self.admitted) + 1, max([r["fed"] + 1 for r in decoding] + [r["fed"] + len(t) for r, t in chunks]))
-        logits = forward(self.model, self.kv, [(r["slot"], r["out"][-1], r["fed"]) for r in decoding],
-                         [(r["slot"], tokens, r["fed"]) for r, tokens in chunks])
-        for r in decoding:
+        k = min(self.MAX_DRAFT, self.DRAFT_STEP // max(1, len(decoding)) - 1) if not chunks else 0
+        verify = [(r, [r["out"][-1]] + d) for r in decoding if (d := draft(r["ids"] + r["out"], k))]
+        plain = [r for r in decoding if all(r is not v for v, _ in verify)]
+        self.reserve(max(self.admitted) + 1, max([r["fed"] + 1 for r in decoding] +
+                                                 [r["fed"] + len(t) for r, t in chunks + verify]))
+        logits = forward(self.model, self.kv, [(r["slot"], r["out"][-1], r["fed"]) for r in plain],
+                         [(r["slot"], tokens, r["fed"]) for r, tokens in chunks],
+                         [(r["slot"], tokens, r["fed"]) for r, tokens in verify])
+        done = set()
+        for r, row in zip(plain, logits):
             r["fed"] += 1
-        self.pick_next(decoding, logits[:len(decoding)])
-        for (r, tokens), row in zip(chunks, logits[len(decoding):]):
+            if self.extend(r, [self.pick(r, row)]):
+                done.add(id(r))
+        rows = logits[len(plain) + len(chunks):]
+        for r, tokens in verify:
+            n = len(tokens)
+            new = self.accept(r, tokens[1:], rows[:n])
+            rows = rows[n:]
+            r["fed"] += len(new)  # the last token and the accepted draft are in the cache; the rest is overwritten
+            self.drafted, self.accepted = self.drafted + n - 1, self.accepted + len(new) - 1
+            if self.extend(r, new):
+                done.add(id(r))
+        for (r, tokens), row in zip(chunks, logits[len(plain):]):
             r["fed"] += len(tokens)
             if r["fed"] == len(r["ids"]):  # the whole prompt is in the cache: its copies get it too
                 prefilling.remove(r)
@@ -252,11 +277,11 @@ class LocalEngine:
                     self.kv[:, :, c["slot"], :, :r["fed"]] = self.kv[:, :, r["slot"], :, :r["fed"]]
                     c["fed"] = r["fed"]
                 joined = [r] + r["copies"]
-                self.pick_next(joined, row.expand(len(joined), -1))
+                done.update(id(j) for j in joined if self.extend(j, [self.pick(j, row)]))
                 decoding = decoding + joined
         still = []
         for r in decoding:
-            self.release(r) if self.finished(r) else still.append(r)
+            self.release(r) if id(r) in done else still.append(r)
         return still
 
     def reserve(self, slots, length):
@@ -277,15 +302,38 @@ class LocalEngine:
             grown[:, :, :have[0], :, :have[1]] = kv
         self.kv = grown
 
-    def pick_next(self, reqs, logits):
-        torch = self.torch
-        greedy = logits.argmax(-1).tolist()
-        for i, r in enumerate(reqs):
-            if r["temperature"] > 0:
-                probs = torch.softmax(logits[i].float() / r["temperature"], -1).cpu()
-                r["out"].append(int(torch.multinomial(probs, 1, generator=r["gen"])))
+    def pick(self, r, logits):
+        """The next token from one row of logits: greedy at temperature 0, else sampled with the request's seed."""
+        if r["temperature"] == 0:
+            return int(logits.argmax())
+        probs = self.torch.softmax(logits.float() / r["temperature"], -1).cpu()
+        return int(self.torch.multinomial(probs, 1, generator=r["gen"]))
+
+    def accept(self, r, guess, rows):
+        """Speculative decoding with a draft that is certain of itself: row i scores the token after the drafted
+        guess[:i]; guess[i] is kept with the probability the model gives it (1 or 0 when greedy), else the token is
+        drawn from the model's distribution without guess[i], and the draft ends there. So every kept token has the
+        distribution one-at-a-time decoding gives it. Returns the new tokens: the kept guesses plus one more."""
+        new = []
+        for g, row in zip(guess, rows):
+            if r["temperature"] == 0:
+                new.append(int(row.argmax()))
             else:
-                r["out"].append(greedy[i])
+                probs = self.torch.softmax(row.float() / r["temperature"], -1).cpu()
+                keep = self.torch.rand(1, generator=r["gen"]).item() < probs[g].item()
+                new.append(g if keep else int(self.torch.multinomial(probs.index_fill(0, self.torch.tensor([g]), 0),
+                                                                     1, generator=r["gen"])))
+            if new[-1] != g:
+                return new
+        return new + [self.pick(r, rows[len(guess)])]
+
+    def extend(self, r, tokens):
+        """Append new tokens one by one until the request is finished; True if it is."""
+        for t in tokens:
+            r["out"].append(t)
+            if self.finished(r):
+                return True
+        return False
 
     def finished(self, r):
         out = r["out"]
@@ -307,15 +355,17 @@ def check_architecture(model):
         raise UserError(f"the local engine runs llama/qwen2-family models; {cfg.model_type} is not one")
 
 
-def forward(model, kv, decode, prefill):
+def forward(model, kv, decode, prefill, verify=()):
     """One pass of the decoder over `decode` [(slot, token, position)], one new token per running request, and
-    `prefill` [(slot, tokens, position of the first)], prompt chunks, as one flat batch of tokens; their keys and
-    values go into kv [layers, 2, slots, kv heads, capacity, head dim]. Returns the logits of each decode token, then
-    of each chunk's last token. The model's own modules do the rest (norms, projections, MLP, rotary tables)."""
+    `prefill` [(slot, tokens, position of the first)], prompt chunks, and `verify`, chunks of a request's last token
+    and its draft, as one flat batch of tokens; their keys and values go into kv [layers, 2, slots, kv heads,
+    capacity, head dim]. Returns the logits of each decode token, of each prompt chunk's last token, then of every
+    token of each verify chunk. The model's own modules do the rest (norms, projections, MLP, rotary tables)."""
     import torch
     body, dev = model.model, model.device
-    ids = [t for _, t, _ in decode] + [t for _, tokens, _ in prefill for t in tokens]
-    pos = [p for _, _, p in decode] + [p + i for _, tokens, p in prefill for i in range(len(tokens))]
+    chunks = list(prefill) + list(verify)
+    ids = [t for _, t, _ in decode] + [t for _, tokens, _ in chunks for t in tokens]
+    pos = [p for _, _, p in decode] + [p + i for _, tokens, p in chunks for i in range(len(tokens))]
     x = body.embed_tokens(torch.tensor(ids, device=dev))
     cos, sin = (c[0] for c in body.rotary_emb(x, torch.tensor([pos], device=dev)))
     H, KV, D = model.config.num_attention_heads, kv.shape[3], kv.shape[5]
@@ -333,7 +383,7 @@ def forward(model, kv, decode, prefill):
             kv[i, 0, slots, :, dpos], kv[i, 1, slots, :, dpos] = k[:B], v[:B]
             out[:B] = decode_attention(q[:B], kv[i, 0, :S, :, :W], kv[i, 1, :S, :, :W], slots, mask)
         start = B
-        for slot, tokens, p in prefill:
+        for slot, tokens, p in chunks:
             n = len(tokens)
             kv[i, 0, slot, :, p:p + n], kv[i, 1, slot, :, p:p + n] = k[start:start + n].transpose(0, 1), \
                 v[start:start + n].transpose(0, 1)
@@ -342,8 +392,22 @@ def forward(model, kv, decode, prefill):
             start += n
         x = x + a.o_proj(out.view(T, H * D))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    last = list(range(B)) + (B - 1 + torch.tensor([len(t) for _, t, _ in prefill]).cumsum(0)).tolist()
+    ends = (B - 1 + torch.tensor([0] + [len(t) for _, t, _ in chunks]).cumsum(0)).tolist()
+    last = list(range(B)) + ends[1:len(prefill) + 1] + list(range(ends[len(prefill)] + 1, T))
     return model.lm_head(body.norm(x[last]))
+
+
+def draft(tokens, k, n=3):
+    """Prompt-lookup drafting: the k tokens that followed the latest earlier occurrence of the last n tokens (or of
+    the last 2) in the prompt and the reply so far. Free, and right where a reply copies: a refinement restating its
+    draft, a workflow reusing the code its prompt shows."""
+    for m in (n, 2):
+        if k > 0 and len(tokens) > m:
+            tail = tokens[-m:]
+            for j in range(len(tokens) - m - 1, -1, -1):
+                if tokens[j:j + m] == tail:
+                    return tokens[j + m:j + m + k]
+    return []
 
 
 def decode_attention(q, keys, values, slots, mask):

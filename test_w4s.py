@@ -2536,12 +2536,34 @@ def test_engine_greedy_equals_transformers_generate_in_fp32(fp32_engine):
         assert fp32_engine.generate(m, 0.0, 24, seed=0)[0] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def test_engine_greedy_with_drafts_equals_transformers_generate_in_fp32(fp32_engine):
+    """A reply that copies its prompt: the drafts are taken up, and the text is still the one generate gives."""
+    m = [{"role": "user", "content": "Copy this line exactly: the red fox ran past the old mill and the red fox "
+                                     "ran past the old mill again."}]
+    model, tok = llm.load_local_model("embedded:smollm2-135m", torch.float32)
+    ids = tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False), add_special_tokens=False,
+              return_tensors="pt")["input_ids"]
+    want = tok.decode(model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:],
+                      skip_special_tokens=True)
+    accepted = fp32_engine.accepted
+    assert fp32_engine.generate(m, 0.0, 32, seed=0)[0] == want and fp32_engine.accepted - accepted >= 8
+
+
+def test_a_sampled_token_keeps_the_models_distribution_whatever_the_draft(fp32_engine):
+    """accept(): the draft's guess is kept with its probability, else a token is drawn without it: p overall."""
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    r = dict(temperature=1.0, gen=torch.Generator().manual_seed(0))
+    firsts = Counter(fp32_engine.accept(r, [1], torch.stack([logits, logits]))[0] for _ in range(20000))
+    p = torch.softmax(logits, -1)
+    assert all(abs(firsts[i] / 20000 - p[i].item()) < 0.015 for i in range(4))
+
+
 def test_engine_feeds_a_joining_prompt_in_chunks_while_others_decode(fp32_engine, monkeypatch):
     steps, forward = [], llm.forward  # (decode tokens, prompt tokens) of every forward pass
 
-    def counted(net, kv, decode, prefill):
-        steps.append((len(decode), sum(len(tokens) for _, tokens, _ in prefill)))
-        return forward(net, kv, decode, prefill)
+    def counted(net, kv, decode, prefill, verify=()):
+        steps.append((len(decode) + len(verify), sum(len(tokens) for _, tokens, _ in prefill)))
+        return forward(net, kv, decode, prefill, verify)
     monkeypatch.setattr(llm, "forward", counted)
     monkeypatch.setattr(fp32_engine, "CHUNK", 8)
     long_answer, joining = engine_prompts()[3], engine_prompts()[1]  # the joining prompt is ~40 tokens: 5 chunks

@@ -10,7 +10,8 @@
                            one Sandbox (new + first run), in the mode isolation_mode() picks.
   3. Local backend         llm.LocalEngine under a loop-like arrival pattern -- workflows start at staggered times,
                            each sends k requests at once, prompt lengths and output budgets differ -- against the
-                           previous engine (llm.py of OLD_ENGINE, read from git history), each in a process of its own:
+                           previous engine (llm.py of OLD_ENGINE, read from git history) and the engine with its
+                           drafts off (MAX_DRAFT = 0), each in a process of its own:
                            tokens/s, answers compared, the longest step a decoding request waited behind a prefill, one
                            decode step at batch 32 vs the bare matmuls of the same shapes, peak RSS; and the engine vs
                            one request at a time on an evenly spread subset of the same requests, greedy.
@@ -54,7 +55,7 @@ def get_args(argv=None):
     a("--batch-size", type=int, default=4, help="rlao: sequences per micro-batch")
     a("--threads", type=int, default=None, help="torch threads (default: torch's). On a CPU busy with other jobs, 1 "
       "keeps OpenMP threads from spinning against them")
-    a("--local-engine", choices=["new", "old"], help=argparse.SUPPRESS)  # the child process of bench_local
+    a("--local-engine", choices=["new", "nodraft", "old"], help=argparse.SUPPRESS)  # the child process of bench_local
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     for name, (full, quick, _) in SIZES.items():
@@ -153,10 +154,12 @@ def requests_for(args):
 def bench_local(args, R):
     """Each engine in a process of its own (a 1.5B model twice would double the RSS and blur each one's figure):
     the engine as it is, then the engine of OLD_ENGINE, on the same requests."""
-    new, old = (run_engine_child(args, which) for which in ("new", "old"))
+    new, nodraft, old = (run_engine_child(args, which) for which in ("new", "nodraft", "old"))
     differ = [i for i, (x, y) in enumerate(zip(new["texts"], old["texts"])) if x != y]
     R.update(local_model=args.model, local_tok_s=new["tok_s"], local_old_tok_s=old["tok_s"],
              local_vs_old=round(new["tok_s"] / old["tok_s"], 2), local_single_tok_s=new["single_tok_s"],
+             local_nodraft_tok_s=nodraft["tok_s"], local_vs_nodraft=round(new["tok_s"] / nodraft["tok_s"], 2),
+             local_drafts=new["drafts"],
              local_batch_speedup=round(new["tok_s"] / new["single_tok_s"], 2), local_differ=new["differ"],
              local_old_differ=differ, local_step_s=new["step_s"], local_old_step_s=old["step_s"],
              local_matmul_s=new["matmul_s"], local_step_vs_matmul=round(new["step_s"] / new["matmul_s"], 2),
@@ -166,6 +169,9 @@ def bench_local(args, R):
              f"{new['tok_s']} vs {old['tok_s']} tok/s, {args.model}, {OLD_ENGINE}'s engine built in the same run; "
              f"{len(differ)} of {len(new['texts'])} greedy answers differ between the two; peak RSS "
              f"{new['rss_mb']} vs {old['rss_mb']} MB"),
+            ("local: loop arrivals, drafts / no drafts", R["local_vs_nodraft"], "", f"{new['tok_s']} vs "
+             f"{nodraft['tok_s']} tok/s, the same engine with MAX_DRAFT = 0; {new['drafts'][0]} of "
+             f"{new['drafts'][1]} drafted tokens kept"),
             ("local: decode step at batch 32 / bare matmuls", R["local_step_vs_matmul"], "<= 1.3",
              f"{new['step_s']} s vs {new['matmul_s']} s for the same matmul shapes alone (previous engine's step "
              f"{old['step_s']} s), context {STEP_CONTEXT} tokens"),
@@ -192,7 +198,7 @@ def run_engine_child(args, which):
 
 def engine_module(which):
     """llm as it is, or the llm.py of OLD_ENGINE read from git history (so no copy of the old code is kept)."""
-    if which == "new":
+    if which != "old":
         return llm
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = subprocess.check_output(["git", "-C", root, "show", f"{OLD_ENGINE}:llm.py"], text=True)
@@ -208,6 +214,7 @@ def local_child(args, which):
     import torch
     reqs, mod = requests_for(args), engine_module(which)
     engine = mod.LocalEngine(args.model)
+    engine.MAX_DRAFT = 0 if which == "nodraft" else getattr(engine, "MAX_DRAFT", 0)
     engine.generate(reqs[0]["messages"], 0.0, 2, seed=0)  # warm-up: first-call costs belong to neither side
     waits = record_prefill_waits(engine, which)
     gen = lambda r: engine.generate(r["messages"], 0.0, r["budget"], seed=0)  # noqa: E731
@@ -226,6 +233,7 @@ def local_child(args, which):
     tok_b = sum(x[2] for x in batched)
     wait_s, wait_tokens = max(waits, default=(0.0, 0))
     res = dict(tok_s=round(tok_b / t_batch, 2), texts=[x[0] for x in batched], wait_s=round(wait_s, 2),
+               drafts=[getattr(engine, "accepted", 0), getattr(engine, "drafted", 0)],
                wait_tokens=wait_tokens, chunk=getattr(engine, "CHUNK", None), bf16=llm.best_cpu_dtype() != torch.float32,
                raw=dict(requests=len(reqs), tokens=tok_b, seconds=round(t_batch, 1), steps_behind_prefill=len(waits),
                         prompt_tokens=[min(x[1] for x in batched), max(x[1] for x in batched)]))
