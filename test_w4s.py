@@ -197,7 +197,7 @@ def test_a_workflow_holding_backticks_in_a_string_is_extracted_whole():
 @pytest.mark.parametrize("depth,expected", [(500, None), (3000, "unextractable"), (20000, "unextractable")])
 def test_a_deeply_nested_reply_gets_a_prescreen_status_instead_of_crashing_the_run(depth, expected):
     """ast.unparse (near-copy check), ast.parse and the parser give out in turn; 500 negations is a valid workflow."""
-    reply = "```python\ndef solver(agent, task):\n    return " + "-" * depth + "1\n```"
+    reply = "```python\ndef solver(agent, task):\n    agent.call_llm(task)\n    return " + "-" * depth + "1\n```"
     archive = [dict(name="cot", code=w4s.SEED_WORKFLOWS["cot"])]
     assert w4s.prescreen(reply, archive, {"question": "Compute 1 + 2."}, timeout=10)[1] == expected
 
@@ -226,6 +226,14 @@ def test_near_copy_sees_through_dead_code_after_return():
     archive = [dict(name="cot", code=w4s.SEED_WORKFLOWS["cot"])]
     dead = w4s.SEED_WORKFLOWS["cot"] + "    reply = agent.call_llm('Check: ' + task)\n    return reply.strip()\n"
     assert w4s.near_copy(dead, archive) == "cot"
+
+
+def test_a_workflow_that_never_calls_the_executor_fails_the_prescreen():
+    """Run rl-2: a gsm8k workflow returning the constant \\boxed{34} scored 0.25 on 4 validation questions, was
+    trained on, and 26 of the trained 0.5B's 35 pre-screen passes on MATH were such constants."""
+    constant = "def solver(agent, task):\n    return '\\\\boxed{34}'\n"
+    _, status, reason = w4s.prescreen(f"```python\n{constant}```", [], {"question": "Compute 1 + 2."}, timeout=10)
+    assert status == "broken" and "never called agent.call_llm" in reason
 
 
 def test_a_workflow_holding_the_skeletons_placeholder_fails_the_prescreen():

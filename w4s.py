@@ -523,7 +523,8 @@ def fake_agent_rpc(method, params):
 
 def prescreen(reply, archive, example, timeout):
     """(code, status, reason): status None when the reply passes the free checks: it holds a workflow, the workflow
-    is not a near-copy of one in the archive, and a dry run against canned executor replies does not crash."""
+    is not a near-copy of one in the archive, and a dry run against canned executor replies does not crash and
+    calls the executor at least once."""
     code, error = extract_workflow(reply)
     if code is None:
         return None, "unextractable", error
@@ -532,11 +533,14 @@ def prescreen(reply, archive, example, timeout):
         return code, "near-copy", f"near-copy of {copied}"
     if PLACEHOLDER in code:
         return code, "broken", "the workflow still holds the output format's placeholder text; write real code"
+    methods = []
     with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
-        dry = box.run("__w4s_main__", example["question"], rpc=fake_agent_rpc, timeout=min(timeout, 10),
-                      max_calls=MAX_CALLS)
+        dry = box.run("__w4s_main__", example["question"], rpc=lambda m, p: (methods.append(m), fake_agent_rpc(m, p))[1],
+                      timeout=min(timeout, 10), max_calls=MAX_CALLS)
     if not dry.ok:
         return code, "broken", f"(dry run with canned executor replies) {clip(dry.error, 1500)}"
+    if "call_llm" not in methods:  # a constant that happens to match a few validation answers is a reward hack
+        return code, "broken", "(dry run) the workflow never called agent.call_llm: the executor must do the reasoning"
     return code, None, ""
 
 
