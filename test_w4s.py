@@ -1739,17 +1739,19 @@ def block(code):
     return "Here it is.\n```python\n" + code + "```\n"
 
 
+CALLS = "def solver(agent, task):\n    agent.call_llm(task)\n"  # a workflow that never calls it fails the dry run
 HOSTILE = {  # action -> what the feedback to the meta-agent must say
     "Just words, no code.": "no ```python block",
     block("def solver(agent, task)\n    return task\n"): "SyntaxError",
     block("def solve(agent, task):\n    return task\n"): "no block defines solver",
     block("def solver(task):\n    return task\n"): "exactly two arguments",
-    block("def solver(agent, task):\n    return None\n"): "solver returned NoneType",
-    block("def solver(agent, task):\n    return [task]\n"): "solver returned list",
-    block("def solver(agent, task):\n    return 'x' * 5_000_000\n"): "too large",
-    block("import sys\n\ndef solver(agent, task):\n    for _ in range(100):\n        sys.stdout.write('x' * 2**20)\n"
+    block("def solver(agent, task):\n    return task\n"): "never called agent.call_llm",
+    block(CALLS + "    return None\n"): "solver returned NoneType",
+    block(CALLS + "    return [task]\n"): "solver returned list",
+    block(CALLS + "    return 'x' * 5_000_000\n"): "too large",
+    block("import sys\n\n" + CALLS + "    for _ in range(100):\n        sys.stdout.write('x' * 2**20)\n"
           "    return '0'\n"): "validation accuracy 0.00",
-    block("import time\n\ndef solver(agent, task):\n    time.sleep(10**6)\n"): "timeout",
+    block("import time\n\n" + CALLS + "    time.sleep(10**6)\n"): "timeout",
     block("def solver(agent, task):\n    for _ in range(10000):\n        agent.call_llm(task)\n    return ''\n"):
         "too many rpc calls (cap 50)",
 }
