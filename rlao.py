@@ -23,8 +23,9 @@ it is somewhat narrow when states differ a lot).
 Mixed data of several seen tasks: each task carries an equal share of the loss (task_shares()), whatever its count.
 
 Departures from the paper:
-  - full fine-tuning leaves an untied input embedding frozen (freeze_untied_input_embedding: 1.9 GB less for the
-    0.5B); the paper trains every weight.
+  - full fine-tuning leaves an untied input embedding frozen (freeze_untied_input_embedding: its master copy, moments
+    and gradient are 1.9 GB of the 0.5B's; its measured peak fell 0.9-1.2 GiB, to 11.9 GiB); the paper trains every
+    weight.
   - warm-up (--warmup-k, on by default): where a seen task's collection evaluated no action -- an untrained 0.5B
     rarely writes a new workflow that works, so the paper's reward is missing -- K actions are sampled on each of its
     states and those that pass the free pre-screen join the training data with reward 0, the reward of an evaluated
