@@ -248,8 +248,9 @@ class LocalEngine:
             chunks.append((r, r["ids"][r["fed"]:r["fed"] + n]))
             budget -= n
         k = min(self.MAX_DRAFT, self.DRAFT_STEP // max(1, len(decoding)) - 1) if not chunks else 0
-        verify = [(r, [r["out"][-1]] + d) for r in decoding if (d := draft(r["ids"] + r["out"], k))]
-        plain = [r for r in decoding if all(r is not v for v, _ in verify)]
+        drafts = [(r, draft(r["ids"] + r["out"], k) if k > 0 else []) for r in decoding]
+        verify = [(r, [r["out"][-1]] + d) for r, d in drafts if d]
+        plain = [r for r, d in drafts if not d]
         self.reserve(max(self.admitted) + 1, max([r["fed"] + 1 for r in decoding] +
                                                  [r["fed"] + len(t) for r, t in chunks + verify]))
         logits = forward(self.model, self.kv, [(r["slot"], r["out"][-1], r["fed"]) for r in plain],
@@ -402,7 +403,7 @@ def draft(tokens, k, n=3):
     the last 2) in the prompt and the reply so far. Free, and right where a reply copies: a refinement restating its
     draft, a workflow reusing the code its prompt shows."""
     for m in (n, 2):
-        if k > 0 and len(tokens) > m:
+        if len(tokens) > m:
             tail = tokens[-m:]
             for j in range(len(tokens) - m - 1, -1, -1):
                 if tokens[j:j + m] == tail:

@@ -535,9 +535,13 @@ def prescreen(reply, archive, example, timeout):
     if PLACEHOLDER in code:
         return code, "broken", "the workflow still holds the output format's placeholder text; write real code"
     methods = []
+
+    def recording_rpc(method, params):
+        methods.append(method)
+        return fake_agent_rpc(method, params)
     with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
-        dry = box.run("__w4s_main__", example["question"], rpc=lambda m, p: (methods.append(m), fake_agent_rpc(m, p))[1],
-                      timeout=min(timeout, 10), max_calls=MAX_CALLS)
+        dry = box.run("__w4s_main__", example["question"], rpc=recording_rpc, timeout=min(timeout, 10),
+                      max_calls=MAX_CALLS)
     if not dry.ok:
         return code, "broken", f"(dry run with canned executor replies) {clip(dry.error, 1500)}"
     if "call_llm" not in methods:  # a constant that happens to match a few validation answers is a reward hack

@@ -153,7 +153,7 @@ def requests_for(args):
 
 def bench_local(args, R):
     """Each engine in a process of its own (a 1.5B model twice would double the RSS and blur each one's figure):
-    the engine as it is, then the engine of OLD_ENGINE, on the same requests."""
+    the engine as it is, the same engine with its drafts off, then the engine of OLD_ENGINE, on the same requests."""
     new, nodraft, old = (run_engine_child(args, which) for which in ("new", "nodraft", "old"))
     differ = [i for i, (x, y) in enumerate(zip(new["texts"], old["texts"])) if x != y]
     R.update(local_model=args.model, local_tok_s=new["tok_s"], local_old_tok_s=old["tok_s"],
@@ -214,7 +214,8 @@ def local_child(args, which):
     import torch
     reqs, mod = requests_for(args), engine_module(which)
     engine = mod.LocalEngine(args.model)
-    engine.MAX_DRAFT = 0 if which == "nodraft" else getattr(engine, "MAX_DRAFT", 0)
+    if which == "nodraft":
+        engine.MAX_DRAFT = 0
     engine.generate(reqs[0]["messages"], 0.0, 2, seed=0)  # warm-up: first-call costs belong to neither side
     waits = record_prefill_waits(engine, which)
     gen = lambda r: engine.generate(r["messages"], 0.0, r["budget"], seed=0)  # noqa: E731
