@@ -287,13 +287,15 @@ class LocalEngine:
 
     def reserve(self, slots, length):
         """Make the cache [layers, 2, slots, kv heads, capacity, head dim] hold `slots` slots of `length` positions,
-        doubling what it lacks."""
+        doubling what it lacks, but never past the longest any admitted request can grow (its prompt, its
+        max_tokens and one draft): a doubled capacity nobody reaches was the run's peak memory."""
         kv, cfg = self.kv, self.model.config
         have = (0, 0) if kv is None else (kv.shape[2], kv.shape[4])
         if have[0] >= slots and have[1] >= length:
             return
+        longest = max(len(r["ids"]) + r["max_tokens"] + self.MAX_DRAFT for r in self.admitted.values())
         size = (have[0] if have[0] >= slots else max(slots, min(2 * have[0], self.MAX_BATCH)),
-                have[1] if have[1] >= length else max(length, 2 * have[1], 64))
+                have[1] if have[1] >= length else max(length, min(max(2 * have[1], 64), longest)))
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         # zeros, not empty: decode attention masks the positions past each slot's length, but a masked weight of 0
         # times a NaN left in uninitialised memory is still NaN

@@ -2588,6 +2588,19 @@ def test_engine_feeds_a_joining_prompt_in_chunks_while_others_decode(fp32_engine
     assert max(prompt for _, prompt in steps) <= 8 and any(decode and prompt for decode, prompt in steps)
 
 
+def test_engine_cache_never_grows_past_what_its_requests_can_reach(fp32_engine, monkeypatch):
+    """Doubling the cache's length as a reply grows would allocate up to twice a long prompt that nobody reaches."""
+    widths, forward = [], llm.forward
+
+    def counted(net, kv, decode, prefill, verify=()):
+        widths.append(kv.shape[4])
+        return forward(net, kv, decode, prefill, verify)
+    monkeypatch.setattr(llm, "forward", counted)
+    m = [{"role": "user", "content": "Summarise in one line: " + "the mill by the river grinds wheat, " * 12}]
+    _, prompt_tokens, _ = fp32_engine.generate(m, 0.0, 20, seed=0)
+    assert prompt_tokens > 100 and max(widths) <= prompt_tokens + 20 + fp32_engine.MAX_DRAFT
+
+
 def test_engine_gives_its_cache_back_when_idle(fp32_engine):
     fp32_engine.generate(engine_prompts()[0], 0.0, 4, seed=0)
     deadline = time.monotonic() + 5
