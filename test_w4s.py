@@ -197,7 +197,7 @@ def test_a_workflow_holding_backticks_in_a_string_is_extracted_whole():
 @pytest.mark.parametrize("depth,expected", [(500, None), (3000, "unextractable"), (20000, "unextractable")])
 def test_a_deeply_nested_reply_gets_a_prescreen_status_instead_of_crashing_the_run(depth, expected):
     """ast.unparse (near-copy check), ast.parse and the parser give out in turn; 500 negations is a valid workflow."""
-    reply = "```python\ndef solver(agent, task):\n    agent.call_llm(task)\n    return " + "-" * depth + "1\n```"
+    reply = "```python\ndef solver(agent, task):\n    return agent.call_llm(task) + str(" + "-" * depth + "1)\n```"
     archive = [dict(name="cot", code=w4s.SEED_WORKFLOWS["cot"])]
     assert w4s.prescreen(reply, archive, {"question": "Compute 1 + 2."}, timeout=10)[1] == expected
 
@@ -234,6 +234,13 @@ def test_a_workflow_that_never_calls_the_executor_fails_the_prescreen():
     constant = "def solver(agent, task):\n    return '\\\\boxed{34}'\n"
     _, status, reason = w4s.prescreen(f"```python\n{constant}```", [], {"question": "Compute 1 + 2."}, timeout=10)
     assert status == "broken" and "never called agent.call_llm" in reason
+
+
+def test_a_workflow_whose_answer_ignores_the_executor_fails_the_prescreen():
+    """The next constant an optimiser finds once constants must call the executor: call it, then ignore it."""
+    constant = "def solver(agent, task):\n    agent.call_llm(task)\n    return '\\\\boxed{34}'\n"
+    _, status, reason = w4s.prescreen(f"```python\n{constant}```", [], {"question": "Compute 1 + 2."}, timeout=10)
+    assert status == "broken" and "whatever the executor answered" in reason
 
 
 def test_a_workflow_holding_the_skeletons_placeholder_fails_the_prescreen():
@@ -1750,7 +1757,7 @@ HOSTILE = {  # action -> what the feedback to the meta-agent must say
     block(CALLS + "    return [task]\n"): "solver returned list",
     block(CALLS + "    return 'x' * 5_000_000\n"): "too large",
     block("import sys\n\n" + CALLS + "    for _ in range(100):\n        sys.stdout.write('x' * 2**20)\n"
-          "    return '0'\n"): "validation accuracy 0.00",
+          "    return ''.join(c for c in agent.call_llm(task) if c.isalpha())\n"): "validation accuracy 0.00",
     block("import time\n\n" + CALLS + "    time.sleep(10**6)\n"): "timeout",
     block("def solver(agent, task):\n    for _ in range(10000):\n        agent.call_llm(task)\n    return ''\n"):
         "too many rpc calls (cap 50)",

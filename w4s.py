@@ -513,19 +513,29 @@ def chars_changed(a, b):
     return sum(max(i2 - i1, j2 - j1) for op, i1, i2, j1, j2 in ops if op != "equal")
 
 
-def fake_agent_rpc(method, params):
-    """Canned replies for the free dry run: catches broken edits (undefined names, bad indexing) with no LLM call."""
-    if method == "execute_code":
-        return "42"
-    keys, n = (params or {}).get("json_keys"), int((params or {}).get("n") or 1)
-    one = {k: "42" for k in keys} if keys else "The answer is \\boxed{42}."
-    return one if n == 1 else [one] * n
+DRY_WORLDS = [("42", "A"), ("17", "B")]  # the canned executor of each dry run: its number and its letter
+
+
+def fake_agent_rpc(world, calls):
+    """Canned replies for a free dry run (catches broken edits: undefined names, bad indexing, with no LLM call),
+    recording the methods called into `calls`."""
+    number, letter = world
+
+    def rpc(method, params):
+        calls.append(method)
+        if method == "execute_code":
+            return number
+        keys, n = (params or {}).get("json_keys"), int((params or {}).get("n") or 1)
+        one = {k: number for k in keys} if keys else f"The answer is \\boxed{{{number}}} ({letter})."
+        return one if n == 1 else [one] * n
+    return rpc
 
 
 def prescreen(reply, archive, example, timeout):
     """(code, status, reason): status None when the reply passes the free checks: it holds a workflow, the workflow
-    is not a near-copy of one in the archive, and a dry run against canned executor replies does not crash and
-    calls the executor at least once."""
+    is not a near-copy of one in the archive, and two dry runs against canned executors that answer differently
+    (DRY_WORLDS) do not crash, call the executor, and return different answers. A workflow whose answer does not
+    depend on what the executor says is a constant, however it dresses up: a reward hack, never a workflow."""
     code, error = extract_workflow(reply)
     if code is None:
         return None, "unextractable", error
@@ -534,18 +544,19 @@ def prescreen(reply, archive, example, timeout):
         return code, "near-copy", f"near-copy of {copied}"
     if PLACEHOLDER in code:
         return code, "broken", "the workflow still holds the output format's placeholder text; write real code"
-    methods = []
-
-    def recording_rpc(method, params):
-        methods.append(method)
-        return fake_agent_rpc(method, params)
+    answers, calls = [], []
     with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
-        dry = box.run("__w4s_main__", example["question"], rpc=recording_rpc, timeout=min(timeout, 10),
-                      max_calls=MAX_CALLS)
-    if not dry.ok:
-        return code, "broken", f"(dry run with canned executor replies) {clip(dry.error, 1500)}"
-    if "call_llm" not in methods:  # a constant that happens to match a few validation answers is a reward hack
+        for world in DRY_WORLDS:
+            dry, answer = solver_answer(box.run("__w4s_main__", example["question"], rpc=fake_agent_rpc(world, calls),
+                                                timeout=min(timeout, 10), max_calls=MAX_CALLS))
+            if not dry.ok:
+                return code, "broken", f"(dry run with canned executor replies) {clip(dry.error, 1500)}"
+            answers.append(answer)
+    if "call_llm" not in calls:  # a constant that happens to match a few validation answers is a reward hack
         return code, "broken", "(dry run) the workflow never called agent.call_llm: the executor must do the reasoning"
+    if answers[0] == answers[1]:
+        return code, "broken", (f"(dry run) the workflow returned {clip(answers[0], 80)!r} whatever the executor "
+                                "answered: the answer must come from the executor's replies")
     return code, None, ""
 
 
@@ -567,15 +578,20 @@ class Evaluation:
 
 def run_sample(box, example, executor, run):
     """One validation/test sample of one workflow, in the sandbox. The gold answer never enters the child."""
-    out = box.run("__w4s_main__", example["question"], rpc=agent_rpc(executor, run.args.max_tokens),
-                  timeout=run.args.timeout, max_calls=MAX_CALLS)
-    got = out.value.get("answer") if out.ok and isinstance(out.value, dict) else out.value
-    if out.ok and not isinstance(got, (str, int, float)):
-        out = dataclasses.replace(out, ok=False, error=f"solver returned {type(got).__name__}, expected a string")
+    out, got = solver_answer(box.run("__w4s_main__", example["question"], rpc=agent_rpc(executor, run.args.max_tokens),
+                                     timeout=run.args.timeout, max_calls=MAX_CALLS))
     score = float(run.task.score(example, got)) if out.ok else 0.0
     return dict(id=example["id"], question=example["question"], got=clip_middle(got, 2000) if out.ok else None,
                 extracted=clip(run.task.extract(example, got), 300) if out.ok else None,
                 expected=example["answer"], score=score, error=None if out.ok else clip(out.error, 1500))
+
+
+def solver_answer(out):
+    """(outcome, answer) of one sandbox run of a workflow: a returned value that is not text fails the run."""
+    got = out.value.get("answer") if out.ok and isinstance(out.value, dict) else out.value
+    if out.ok and not isinstance(got, (str, int, float)):
+        out = dataclasses.replace(out, ok=False, error=f"solver returned {type(got).__name__}, expected a string")
+    return out, got
 
 
 def evaluate_all(codes, examples, executor, run, desc="eval"):
