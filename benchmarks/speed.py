@@ -293,17 +293,25 @@ def step_prompt(engine):
 
 
 def new_decode_step(engine, reqs, batch=32, reps=3):
-    """Median seconds of one decode step of `batch` requests, each with STEP_CONTEXT tokens of context (one prompt,
-    prefilled once and copied: a step's cost depends on the context, not on what it says). Call it last: the engine
-    is left with its slots taken."""
-    ids = step_prompt(engine)
-    running = [dict(ids=ids, out=[], temperature=0.0, max_tokens=10 ** 6, stop=None, slot=i, fed=0, copies=[])
-               for i in range(batch)]
-    engine.admitted.update(enumerate(running))
-    running[0]["copies"], prefilling, decoding = running[1:], running[:1], []
-    while prefilling:
-        decoding = engine.step(decoding, prefilling)
-    return statistics.median(ms(lambda: engine.step(decoding, [])) / 1000 for _ in range(reps))
+    """Median seconds of one decode step of `batch` requests, each with about STEP_CONTEXT tokens of context: one
+    prompt sent `batch` times through `generate` (prefilled once, the slot copied: a step's cost depends on the
+    context, not on what it says), timing the engine's own steps that decode all of them and prefill nothing. (Driving
+    `step` from this thread instead raced the engine's thread for its slots.)"""
+    text, step, times = engine.tok.decode(step_prompt(engine)), engine.step, []
+
+    def timed_step(decoding, prefilling):
+        t = time.perf_counter()
+        try:
+            return step(decoding, prefilling)
+        finally:
+            if len(decoding) == batch and not prefilling:
+                times.append(time.perf_counter() - t)
+    engine.step = timed_step
+    threads = [threading.Thread(target=engine.generate, args=(w4s.as_messages(text), 0.0, reps + 1, 0))
+               for _ in range(batch)]
+    [t.start() for t in threads], [t.join() for t in threads]
+    engine.step = step
+    return statistics.median(times) if times else float("nan")
 
 
 def old_decode_step(engine, reqs, batch=32, reps=3):
