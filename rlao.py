@@ -17,7 +17,8 @@ How this file maps onto it, top to bottom:
 The measure of a meta-agent on the unseen task, per checkpoint (measure()): the mean reward and best validation gain
 of its evaluated candidates in a short W4S run (fixed seeds, same executor and budget), and the pre-screen pass rate:
 over K sampled actions on each of a fixed set of states, the share that hold a workflow, do not nearly copy one the
-state shows (or a seed) and survive w4s.prescreen's dry run, in which they must call the executor at least once; no
+state shows (or a seed) and survive w4s.prescreen's two dry runs, in which they must call the executor and return
+what depends on its replies; no
 real executor call, so K x states can be large; Wilson 95% CI (it treats the K samples of a state as independent, so
 it is somewhat narrow when states differ a lot).
 Mixed data of several seen tasks: each task carries an equal share of the loss (task_shares()), whatever its count.

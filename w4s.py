@@ -10,8 +10,8 @@ One file, read top-down, in the order of the paper's MDP (arXiv 2504.04785, Sec.
                         turn's chosen action and the feedback on it (accuracy, CI, trend, cases with the answer the
                         scorer compared); shortened to fit the meta-agent's context.
   5. Action a_t         the meta-agent's reply; we extract the ```python block that defines `solver`. The free
-                        pre-screen (extractable, not a near-copy, a dry run against canned replies that calls the
-                        executor) redraws failures.
+                        pre-screen (extractable, not a near-copy, two dry runs against canned executors that answer
+                        differently: it must call the executor and answer differently) redraws failures.
   6. Transition         sandboxed evaluation on the fixed validation split, whose first sample is the self-check
                         (on its error: self-debug, <= 3 repairs, evaluate again), discard at accuracy <= 0.05.
   7. Reward             discrete (paper) or continuous, in `reward()`; "best" is fixed at the episode's start.
