@@ -25,8 +25,8 @@ Mixed data of several seen tasks: each task carries an equal share of the loss (
 
 Departures from the paper:
   - full fine-tuning leaves an untied input embedding frozen (freeze_untied_input_embedding: its master copy, moments
-    and gradient are 1.9 GB of the 0.5B's; its measured peak fell 0.9-1.2 GiB, to 11.9 GiB); the paper trains every
-    weight.
+    and gradient are 1.9 GB of the 0.5B's; its measured peak fell 0.9-1.2 GiB, and with the policy loaded straight
+    in bf16 to 10.65 GiB); the paper trains every weight.
   - warm-up (--warmup-k, on by default): where a seen task's collection evaluated no action -- an untrained 0.5B
     rarely writes a new workflow that works, so the paper's reward is missing -- K actions are sampled on each of its
     states and those that pass the free pre-screen join the training data with reward 0, the reward of an evaluated
@@ -432,16 +432,17 @@ def adapters_off(model):
             m.enabled = True
 
 # ------------------------------------------------------------------------------------------------- model and I/O
-def load_policy(spec):
-    """Same model specs as w4s.py, loaded in fp32 (train() casts to bf16 where that is faster)."""
+def load_policy(spec, dtype=torch.float32):
+    """Same model specs as w4s.py, loaded straight in the dtype training computes in: an fp32 load cast to bf16
+    afterwards left the 0.5B's peak RSS 1.6-2.2 GiB higher (the freed fp32 copy stays in the process's heap)."""
     try:
         import llm
-        return llm.load_local_model(spec, dtype=torch.float32)
+        return llm.load_local_model(spec, dtype=dtype)
     except ImportError as e:  # llm.py missing or half-installed: plain transformers still reads an hf: dir
         if not spec.startswith("hf:"):
             die(f"--init {spec} needs llm.py ({e})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    return AutoModelForCausalLM.from_pretrained(spec[3:], dtype=torch.float32), AutoTokenizer.from_pretrained(spec[3:])
+    return AutoModelForCausalLM.from_pretrained(spec[3:], dtype=dtype), AutoTokenizer.from_pretrained(spec[3:])
 
 def save_checkpoint(model, tok, out, dtype=torch.bfloat16, state_dict=None):
     """HF-format dir: config.json, tokenizer files, model.safetensors (LoRA merged, stored in bf16). --fsdp passes
@@ -531,13 +532,13 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
     train_ex, val_ex = split_by_run(kept, args.val_frac, args.seed)
 
     # 2. the policy pi_theta (+ LoRA), its frozen initial copy pi_ref for the KL penalty
-    model, tok = load_policy(args.init)
+    bf16 = use_bf16(args.precision, device)
+    model, tok = load_policy(args.init, torch.bfloat16 if bf16 and not args.fsdp else torch.float32)
     if args.lora_r:
         add_lora(model, args.lora_r, args.lora_alpha)
     freeze_untied_input_embedding(model)
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    bf16 = use_bf16(args.precision, device)
     if args.fsdp and (args.lora_r or not dist.is_initialized()):
         die("--fsdp runs under torchrun (even --nproc_per_node 1) and trains all weights (no --lora-r)")
     # FSDP2 keeps the fp32 weights sharded (they are the master weights) and computes in bf16 (MixedPrecisionPolicy)
