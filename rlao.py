@@ -533,7 +533,9 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
 
     # 2. the policy pi_theta (+ LoRA), its frozen initial copy pi_ref for the KL penalty
     bf16 = use_bf16(args.precision, device)
-    model, tok = load_policy(args.init, torch.bfloat16 if bf16 and not args.fsdp else torch.float32)
+    # FSDP2 keeps the fp32 weights sharded (they are the master weights) and computes in bf16 (MixedPrecisionPolicy)
+    dtype = torch.bfloat16 if bf16 and not args.fsdp else torch.float32
+    model, tok = load_policy(args.init, dtype)
     if args.lora_r:
         add_lora(model, args.lora_r, args.lora_alpha)
     freeze_untied_input_embedding(model)
@@ -541,8 +543,7 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.fsdp and (args.lora_r or not dist.is_initialized()):
         die("--fsdp runs under torchrun (even --nproc_per_node 1) and trains all weights (no --lora-r)")
-    # FSDP2 keeps the fp32 weights sharded (they are the master weights) and computes in bf16 (MixedPrecisionPolicy)
-    model.to(device, torch.bfloat16 if bf16 and not args.fsdp else torch.float32).train()
+    model.to(device, dtype).train()  # LoRA adapters are made in fp32: they take the compute dtype here
     ref = copy.deepcopy(model).eval().requires_grad_(False) if args.kl > 0 and not args.lora_r else None
     policy = ActionLogProbs(model)
     ddp = shard(policy, model, bf16) if args.fsdp else nn.parallel.DistributedDataParallel(

@@ -533,6 +533,14 @@ def fake_agent_rpc(world, calls):
     return rpc
 
 
+def solver_answer(out):
+    """(outcome, answer) of one sandbox run of a workflow: a returned value that is not text fails the run."""
+    got = out.value.get("answer") if out.ok and isinstance(out.value, dict) else out.value
+    if out.ok and not isinstance(got, (str, int, float)):
+        out = dataclasses.replace(out, ok=False, error=f"solver returned {type(got).__name__}, expected a string")
+    return out, got
+
+
 def prescreen(reply, archive, example, timeout):
     """(code, status, reason): status None when the reply passes the free checks: it holds a workflow, the workflow
     is not a near-copy of one in the archive, and two dry runs against canned executors that answer differently
@@ -586,14 +594,6 @@ def run_sample(box, example, executor, run):
     return dict(id=example["id"], question=example["question"], got=clip_middle(got, 2000) if out.ok else None,
                 extracted=clip(run.task.extract(example, got), 300) if out.ok else None,
                 expected=example["answer"], score=score, error=None if out.ok else clip(out.error, 1500))
-
-
-def solver_answer(out):
-    """(outcome, answer) of one sandbox run of a workflow: a returned value that is not text fails the run."""
-    got = out.value.get("answer") if out.ok and isinstance(out.value, dict) else out.value
-    if out.ok and not isinstance(got, (str, int, float)):
-        out = dataclasses.replace(out, ok=False, error=f"solver returned {type(got).__name__}, expected a string")
-    return out, got
 
 
 def evaluate_all(codes, examples, executor, run, desc="eval"):

@@ -252,7 +252,7 @@ def local_child(args, which):
             print(f"  local: request {i} differs from char {k}: batched {x[k:k + 40]!r} vs one at a time "
                   f"{y[k:k + 40]!r}", file=sys.stderr)
     with torch.inference_mode():
-        res["step_s"] = round((old_decode_step if which == "old" else new_decode_step)(engine, reqs), 3)
+        res["step_s"] = round((old_decode_step if which == "old" else new_decode_step)(engine), 3)
         res["matmul_s"] = round(bare_matmuls(engine.model), 3) if which == "new" else None
     res["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(res))
@@ -292,7 +292,7 @@ def step_prompt(engine):
     return engine.tok("Count the pencils in every box. " * STEP_CONTEXT)["input_ids"][:STEP_CONTEXT]
 
 
-def new_decode_step(engine, reqs, batch=32, reps=3):
+def new_decode_step(engine, batch=32, reps=3):
     """Median seconds of one decode step of `batch` requests, each with about STEP_CONTEXT tokens of context: one
     prompt sent `batch` times through `generate` (prefilled once, the slot copied: a step's cost depends on the
     context, not on what it says), timing the engine's own steps that decode all of them and prefill nothing. (Driving
@@ -314,7 +314,7 @@ def new_decode_step(engine, reqs, batch=32, reps=3):
     return statistics.median(times) if times else float("nan")
 
 
-def old_decode_step(engine, reqs, batch=32, reps=3):
+def old_decode_step(engine, batch=32, reps=3):
     ids = step_prompt(engine)
     running = [dict(ids=ids, out=[], temperature=0.0, max_tokens=10 ** 6, stop=None) for _ in range(batch)]
     active, cache, mask = engine.join([], None, None, running)
