@@ -417,6 +417,17 @@ def test_a_short_first_draw_is_followed_by_one_draw_of_the_other_2m_and_passes_p
     assert Counter(turn)["spare"] == 2 and Counter(turn)["near-copy"] == 2
 
 
+def test_a_rejected_sample_is_asked_to_fix_itself_told_why(sums_task, tmp_path):
+    told = lambda body: "not evaluated: near-copy of cot" in body["messages"][-1]["content"]
+    srv = StubOpenAI(meta_replies=lambda body: block(GOOD_WORKFLOW if told(body) else w4s.SEED_WORKFLOWS["cot"]))
+    stub_run(srv, sums_task, tmp_path / "run", "--samples", "1", "--iterations", "1")
+    srv.shutdown()
+    rows = read_trajectory(tmp_path / "run")
+    fix = [r for r in rows if r["fixes"] == 0]
+    assert rows[0]["status"] == "near-copy" and len(fix) == 1 and fix[0]["status"] in ("ok", "discarded")
+    assert fix[0]["messages"][-2] == {"role": "assistant", "content": rows[0]["action"]}
+
+
 def test_meta_prompt_shows_the_extracted_answer_after_long_reasoning(sums_task, tmp_path):
     rambling = "def solver(agent, task):\n    return 'Let me think. ' * 300 + agent.call_llm(task)\n"
     srv = StubOpenAI(meta_replies=lambda body: block(rambling))
