@@ -243,6 +243,15 @@ def test_a_workflow_whose_answer_ignores_the_executor_fails_the_prescreen():
     assert status == "broken" and "whatever the executor answered" in reason
 
 
+def test_a_workflow_that_never_shows_the_executor_the_task_fails_the_prescreen():
+    blind = "def solver(agent, task):\n    return agent.call_llm('Answer compared: 4') + task[:0]\n"
+    question = "Solve for x: the sum of $\\frac{x}{2}$ and 3 is 7. What is x?"
+    _, status, reason = w4s.prescreen(f"```python\n{blind}```", [], {"question": question}, timeout=10)
+    assert status == "broken" and "never saw the question" in reason
+    seeing = "def solver(agent, task):\n    return agent.call_llm([{'role': 'user', 'content': 'Q: ' + task}])\n"
+    assert w4s.prescreen(f"```python\n{seeing}```", [], {"question": question}, timeout=10)[1] is None
+
+
 def test_a_workflow_holding_the_skeletons_placeholder_fails_the_prescreen():
     pasted = "def solver(agent, task):\n    return agent.call_llm('" + w4s.PLACEHOLDER + ": ...) ' + task)\n"
     _, status, reason = w4s.prescreen(f"```python\n{pasted}```", [], {"question": "Compute 1 + 2."}, timeout=10)
@@ -2453,8 +2462,9 @@ def test_screen_states_show_their_workflows_and_the_runs_first_validation_questi
     stub_run(server, sums_task, tmp_path / "run", "--iterations", "1")
     states = rlao.load_states([tmp_path / "run"])
     cfg = w4s.setup(w4s.parse_args(["--task", sums_task, "--scorer", "numeric", "--val-size", "4"]))[0]
-    assert len(states) == 1 and states[0]["example"] == cfg.val[0]
-    assert {w["code"].strip() for w in states[0]["known"]} >= {c.strip() for c in w4s.SEED_WORKFLOWS.values()}
+    assert states and all(s["example"] == cfg.val[0] for s in states)
+    assert all({w["code"].strip() for w in s["known"]} >= {c.strip() for c in w4s.SEED_WORKFLOWS.values()}
+               for s in states)
 
 
 def test_screen_rate_counts_only_new_workflows_that_survive_the_dry_run(server, sums_task, tmp_path):
@@ -2464,8 +2474,9 @@ def test_screen_rate_counts_only_new_workflows_that_survive_the_dry_run(server, 
     rlao.main(["--screen", str(out), "--init", server.url + ":meta", "--data", str(tmp_path / "run"),
                "--screen-k", "6"])
     summary = json.load(open(tmp_path / "screen.summary.json"))
-    assert (summary["passed"], summary["n"]) == (2, 6)
-    assert summary["status"] == {"near-copy": 2, "passed": 2, "unextractable": 2}
+    k = summary["states"]  # the turn's first state, and the fix turns of the samples it rejected
+    assert (summary["passed"], summary["n"]) == (2 * k, 6 * k)
+    assert summary["status"] == {"near-copy": 2 * k, "passed": 2 * k, "unextractable": 2 * k}
     assert summary["ci"][0] < 1 / 3 < summary["ci"][1]
 
 

@@ -541,11 +541,13 @@ DRY_WORLDS = [("42", "A"), ("17", "B")]  # the canned executor of each dry run: 
 
 def fake_agent_rpc(world, calls):
     """Canned replies for a free dry run (catches broken edits: undefined names, bad indexing, with no LLM call),
-    recording the methods called into `calls`."""
+    recording each call's method and the texts it sent into `calls`."""
     number, letter = world
 
     def rpc(method, params):
-        calls.append(method)
+        prompt = (params or {}).get("messages")
+        calls.append((method, [m.get("content") if isinstance(m, dict) else m for m in prompt]
+                      if isinstance(prompt, list) else [prompt]))
         if method == "execute_code":
             return number
         keys, n = (params or {}).get("json_keys"), int((params or {}).get("n") or 1)
@@ -565,8 +567,9 @@ def solver_answer(out):
 def prescreen(reply, archive, example, timeout):
     """(code, status, reason): status None when the reply passes the free checks: it holds a workflow, the workflow
     is not a near-copy of one in the archive, and two dry runs against canned executors that answer differently
-    (DRY_WORLDS) do not crash, call the executor, and return different answers. A workflow whose answer does not
-    depend on what the executor says is a constant, however it dresses up: a reward hack, never a workflow."""
+    (DRY_WORLDS) do not crash, send the task to the executor, and return different answers. A workflow whose answer
+    does not depend on what the executor says is a constant, however it dresses up: a reward hack, never a workflow;
+    one that never shows the executor the task answers some other question."""
     code, error = extract_workflow(reply)
     if code is None:
         return None, "unextractable", error
@@ -583,8 +586,12 @@ def prescreen(reply, archive, example, timeout):
             if not dry.ok:
                 return code, "broken", f"(dry run with canned executor replies) {clip(dry.error, 1500)}"
             answers.append(answer)
-    if "call_llm" not in calls:  # a constant that happens to match a few validation answers is a reward hack
+    sent = [text for method, texts in calls if method == "call_llm" for text in texts if isinstance(text, str)]
+    if not sent:  # a constant that happens to match a few validation answers is a reward hack
         return code, "broken", "(dry run) the workflow never called agent.call_llm: the executor must do the reasoning"
+    if not any(example["question"].strip()[-40:] in text for text in sent):
+        return code, "broken", ("(dry run) no agent.call_llm prompt held the task: the executor never saw the question "
+                                "it must answer; put `task` in the prompt")
     if answers[0] == answers[1]:
         return code, "broken", (f"(dry run) the workflow returned {clip(answers[0], 80)!r} whatever the executor "
                                 "answered: the answer must come from the executor's replies")
