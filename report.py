@@ -188,10 +188,7 @@ def action_row(row, codes):
     code = row.get("code")
     parent = row.get("parent")
     base = (parent, codes[parent]) if codes.get(parent) else None
-    fixes = row.get("fixes")
-    body = ([f"<p>the meta-agent's fix of sample {esc(fixes)}, which the pre-screen had rejected (told why)</p>"]
-            if fixes is not None else []) + [
-            f"<h3>analysis</h3><pre>{esc(analysis_of(row.get('action'))) or '–'}</pre>",
+    body = [f"<h3>analysis</h3><pre>{esc(analysis_of(row.get('action'))) or '–'}</pre>",
             "<h3>workflow</h3>" + code_html(code),
             f"<h3>diff against {esc(base[0]) if base else 'nothing'}</h3>" + diff_html(base, code),
             "<h3>validation cases, failures first (the meta-agent's feedback when this action is chosen)</h3>"

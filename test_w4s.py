@@ -426,17 +426,6 @@ def test_a_short_first_draw_is_followed_by_one_draw_of_the_other_2m_and_passes_p
     assert Counter(turn)["spare"] == 2 and Counter(turn)["near-copy"] == 2
 
 
-def test_a_rejected_sample_is_asked_to_fix_itself_told_why(sums_task, tmp_path):
-    told = lambda body: "not evaluated: near-copy of cot" in body["messages"][-1]["content"]
-    srv = StubOpenAI(meta_replies=lambda body: block(GOOD_WORKFLOW if told(body) else w4s.SEED_WORKFLOWS["cot"]))
-    stub_run(srv, sums_task, tmp_path / "run", "--samples", "1", "--iterations", "1")
-    srv.shutdown()
-    rows = read_trajectory(tmp_path / "run")
-    fix = [r for r in rows if r["fixes"] == 0]
-    assert rows[0]["status"] == "near-copy" and len(fix) == 1 and fix[0]["status"] in ("ok", "discarded")
-    assert fix[0]["messages"][-2] == {"role": "assistant", "content": rows[0]["action"]}
-
-
 def test_meta_prompt_shows_the_extracted_answer_after_long_reasoning(sums_task, tmp_path):
     rambling = "def solver(agent, task):\n    return 'Let me think. ' * 300 + agent.call_llm(task)\n"
     srv = StubOpenAI(meta_replies=lambda body: block(rambling))
@@ -2462,9 +2451,8 @@ def test_screen_states_show_their_workflows_and_the_runs_first_validation_questi
     stub_run(server, sums_task, tmp_path / "run", "--iterations", "1")
     states = rlao.load_states([tmp_path / "run"])
     cfg = w4s.setup(w4s.parse_args(["--task", sums_task, "--scorer", "numeric", "--val-size", "4"]))[0]
-    assert states and all(s["example"] == cfg.val[0] for s in states)
-    assert all({w["code"].strip() for w in s["known"]} >= {c.strip() for c in w4s.SEED_WORKFLOWS.values()}
-               for s in states)
+    assert len(states) == 1 and states[0]["example"] == cfg.val[0]
+    assert {w["code"].strip() for w in states[0]["known"]} >= {c.strip() for c in w4s.SEED_WORKFLOWS.values()}
 
 
 def test_screen_rate_counts_only_new_workflows_that_survive_the_dry_run(server, sums_task, tmp_path):
@@ -2474,9 +2462,8 @@ def test_screen_rate_counts_only_new_workflows_that_survive_the_dry_run(server, 
     rlao.main(["--screen", str(out), "--init", server.url + ":meta", "--data", str(tmp_path / "run"),
                "--screen-k", "6"])
     summary = json.load(open(tmp_path / "screen.summary.json"))
-    k = summary["states"]  # the turn's first state, and the fix turns of the samples it rejected
-    assert (summary["passed"], summary["n"]) == (2 * k, 6 * k)
-    assert summary["status"] == {"near-copy": 2 * k, "passed": 2 * k, "unextractable": 2 * k}
+    assert (summary["passed"], summary["n"]) == (2, 6)
+    assert summary["status"] == {"near-copy": 2, "passed": 2, "unextractable": 2}
     assert summary["ci"][0] < 1 / 3 < summary["ci"][1]
 
 

@@ -11,8 +11,7 @@ One file, read top-down, in the order of the paper's MDP (arXiv 2504.04785, Sec.
                         scorer compared); shortened to fit the meta-agent's context.
   5. Action a_t         the meta-agent's reply; we extract the ```python block that defines `solver`. The free
                         pre-screen (extractable, not a near-copy, two dry runs against canned executors that answer
-                        differently: it must call the executor and answer differently) redraws failures; each
-                        rejected sample of the first m is also shown why and asked to fix its reply once.
+                        differently: it must call the executor and answer differently) redraws failures.
   6. Transition         sandboxed evaluation on the fixed validation split, whose first sample is the self-check
                         (on its error: self-debug, <= 3 repairs, evaluate again), discard at accuracy <= 0.05.
   7. Reward             discrete (paper) or continuous, in `reward()`; "best" is fixed at the episode's start.
@@ -406,18 +405,11 @@ def fit_state(episode, run):
                     "server a larger context (llama.cpp: -c 8192, Ollama: num_ctx) and set --meta-context")
 
 
-def ask_meta(meta, episode, run, sample, rejected=None):
-    """One meta-agent sample on the fitted state; given a sample the pre-screen rejected, on that sample's
-    conversation followed by why (the meta-agent fixes its own reply) when that fits the context. A server that
-    refuses the request for its length teaches us its context (from the error, else 3/4 of what we sent): shrink
-    and retry once; a second refusal stops the run."""
+def ask_meta(meta, episode, run, sample):
+    """One meta-agent sample on the fitted state. A server that refuses the request for its length teaches us its
+    context (from the error, else 3/4 of what we sent): shrink and retry once; a second refusal stops the run."""
     for attempt in range(2):
         messages, budget = fit_state(episode, run)
-        if rejected:
-            why = f"Your workflow was not evaluated: {clip(rejected['reason'], 300)}\n\n{FIX_REJECTED}"
-            fix = follow_up(rejected, why)
-            if reply_room(fix, run) >= MIN_REPLY:
-                messages, budget = fix, min(reply_room(fix, run), run.args.meta_max_tokens)
         try:
             return messages, meta.chat(messages, temperature=0.7, max_tokens=budget, sample=sample, stop=META_STOP)
         except ContextExceeded as e:
@@ -427,19 +419,6 @@ def ask_meta(meta, episode, run, sample, rejected=None):
             if attempt:
                 raise UserError(f"{meta.spec} refused the meta-agent's state twice for its length ({e}); set "
                                 "--meta-context to the server's context size, or give the server a larger one")
-
-
-FIX_REJECTED = ("Fix this: reply with the whole workflow, changed as your analysis says, in one ```python block that "
-                "defines solver(agent, task).")
-
-
-def follow_up(cand, text):
-    """The conversation a sample was drawn in, its reply, then `text`: self-debug and the pre-screen's fix turn."""
-    return cand["messages"] + [{"role": "assistant", "content": cand["action"]}, {"role": "user", "content": text}]
-
-
-def reply_room(messages, run):
-    return run.meta_context - estimate_tokens(messages)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -699,9 +678,10 @@ def repair(cand, error, archive, meta, run):
     """One self-debug round: the meta-agent sees its workflow's error and replies with a corrected one, which must
     pass the same free pre-screen. On success the candidate's code, action and messages become the repair's (RLAO
     trains on the reply that produced the evaluated code); returns None, else why the repair failed."""
-    fix = follow_up(cand, f"Your workflow failed:\n{error}\n\nFix it. Reply with the whole corrected workflow in one "
-                          "```python block that defines solver(agent, task).")
-    budget = reply_room(fix, run)
+    fix = cand["messages"] + [{"role": "assistant", "content": cand["action"]},
+                              {"role": "user", "content": f"Your workflow failed:\n{error}\n\nFix it. Reply with the "
+                               "whole corrected workflow in one ```python block that defines solver(agent, task)."}]
+    budget = run.meta_context - estimate_tokens(fix)
     if budget < MIN_REPLY:
         return error + "\n(no room left in the meta-agent's context for a repair)"
     reply = meta.chat(fix, temperature=0.7, max_tokens=min(budget, run.args.meta_max_tokens), sample=cand["sample"],
@@ -776,26 +756,22 @@ def new_episode(seed_archive, latest):
 def draw_candidates(meta, episode, run, it):
     """Sample the meta-agent until m actions pass the free pre-screen or 3m were drawn (new sample indices each
     time): m at first, then, if fewer passed, all the other 2m at once (a local model decodes them in one batch, in
-    about the time of one; an API pays for up to 2m - 1 samples more). Each of the first m that the pre-screen
-    rejected gets one of the 2m: its own conversation, told why, to fix (a weak meta-agent mostly repeats the
-    workflow it saw last; told so, it changes it); the rest are fresh samples. A pass beyond the m-th is logged as
-    "spare", not evaluated. A copy of a workflow the episode has seen, or of an earlier sample of this turn, does not
-    count. Returns every sample, each with its messages, action, code and pre-screen status (None: passed)."""
+    about the time of one; an API pays for up to 2m - 1 samples more). A pass beyond the m-th is logged as "spare",
+    not evaluated. A copy of a workflow the episode has seen, or of an earlier sample of this turn, does not count.
+    Returns every sample, each with its messages, action, code and pre-screen status (None: passed)."""
     m, drawn, passed = run.args.samples, [], 0
     while passed < m and len(drawn) < 3 * m:
         batch = range(len(drawn), 3 * m if drawn else m)
-        rejected = [c for c in drawn if c["status"] is not None]
-        jobs = [(j, rejected[i] if i < len(rejected) else None) for i, j in enumerate(batch)]
         with phase(run, "meta_agent_generation"):
-            replies = list(run.meta_pool.map(lambda job: ask_meta(meta, episode, run, 100 * it + job[0], job[1]), jobs))
-        for (j, fixes), (messages, reply) in zip(jobs, replies):
+            replies = list(run.meta_pool.map(lambda j: ask_meta(meta, episode, run, 100 * it + j), batch))
+        for j, (messages, reply) in zip(batch, replies):
             known = episode["known"] + [dict(name=f"sample {c['sample']} of this turn", code=c["code"]) for c in drawn
                                         if c["status"] in (None, "spare")]
             code, status, reason = prescreen(reply, known, run.val[0], run.args.timeout)
             if status is None and passed == m:
                 status, reason = "spare", f"passed the pre-screen after {m} others had: not evaluated"
-            drawn.append(dict(sample=j, fixes=fixes and fixes["sample"], messages=messages, action=reply,
-                              first_action=reply, code=code, status=status, reason=reason, debug=[]))
+            drawn.append(dict(sample=j, messages=messages, action=reply, first_action=reply, code=code,
+                              status=status, reason=reason, debug=[]))
             passed += status is None
     return drawn
 
@@ -903,8 +879,7 @@ def trajectory_rows(run, record):
     """RLAO's training data: one row per sample of a turn, evaluated or not, with the state it was drawn in."""
     for c in record["candidates"]:
         yield dict(run=os.path.basename(os.path.normpath(run.out)), task=run.args.task, episode=record["episode"],
-                   turn=record["turn"], iteration=record["iteration"], sample=c["sample"], fixes=c["fixes"],
-                   parent=record["parent"],
+                   turn=record["turn"], iteration=record["iteration"], sample=c["sample"], parent=record["parent"],
                    messages=c["messages"], action=c["action"], first_action=c["first_action"], code=c["code"],
                    status=c["status"], reason=c["reason"], val_accuracy=c["acc"], reward=c["reward"],
                    chosen=c is record["chosen"], cases=c["cases"], debug=c["debug"])
