@@ -518,17 +518,16 @@ def chars_changed(a, b):
 DRY_WORLDS = [("42", "A"), ("17", "B")]  # the canned executor of each dry run: its number and its letter
 
 
-def fake_agent_rpc(world, calls):
+def fake_agent_rpc(world, sent):
     """Canned replies for a free dry run (catches broken edits: undefined names, bad indexing, with no LLM call),
-    recording each call's method and the texts it sent into `calls`."""
+    appending the text of every executor prompt to `sent`. Prompts are read as the real executor reads them
+    (as_messages): one it would refuse fails the dry run too."""
     number, letter = world
 
     def rpc(method, params):
-        prompt = (params or {}).get("messages")
-        calls.append((method, [m.get("content") if isinstance(m, dict) else m for m in prompt]
-                      if isinstance(prompt, list) else [prompt]))
         if method == "execute_code":
             return number
+        sent.extend(m["content"] for m in as_messages((params or {}).get("messages")))
         keys, n = (params or {}).get("json_keys"), int((params or {}).get("n") or 1)
         one = {k: number for k in keys} if keys else f"The answer is \\boxed{{{number}}} ({letter})."
         return one if n == 1 else [one] * n
@@ -557,15 +556,14 @@ def prescreen(reply, archive, example, timeout):
         return code, "near-copy", f"near-copy of {copied}"
     if PLACEHOLDER in code:
         return code, "broken", "the workflow still holds the output format's placeholder text; write real code"
-    answers, calls = [], []
+    answers, sent = [], []
     with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
         for world in DRY_WORLDS:
-            dry, answer = solver_answer(box.run("__w4s_main__", example["question"], rpc=fake_agent_rpc(world, calls),
+            dry, answer = solver_answer(box.run("__w4s_main__", example["question"], rpc=fake_agent_rpc(world, sent),
                                                 timeout=min(timeout, 10), max_calls=MAX_CALLS))
             if not dry.ok:
                 return code, "broken", f"(dry run with canned executor replies) {clip(dry.error, 1500)}"
             answers.append(answer)
-    sent = [text for method, texts in calls if method == "call_llm" for text in texts if isinstance(text, str)]
     if not sent:  # a constant that happens to match a few validation answers is a reward hack
         return code, "broken", "(dry run) the workflow never called agent.call_llm: the executor must do the reasoning"
     if not any(example["question"].strip()[-40:] in text for text in sent):
