@@ -158,8 +158,9 @@ class LocalEngine:
     Every step is one forward pass over a flat list of tokens: the next token of each decoding request, plus up to
     CHUNK prompt tokens of the requests still being prefilled. So a new prompt never stalls the running requests for
     more than one chunk, and their decode tokens ride along in the chunk's matmuls: the linear layers see all tokens
-    as one matrix. Keys and values live in one preallocated cache with a slot per admitted request; it doubles when a
-    request outgrows it and is freed when the engine goes idle, so no step concatenates or pads a cache. Decode
+    as one matrix. Keys and values live in a preallocated cache (a tensor per layer) with a slot per admitted request;
+    it doubles when a request outgrows it, a layer at a time, and is freed when the engine goes idle, so no step
+    concatenates or pads a cache. Decode
     attention is one call over the slots, with each kv head's group of query heads as rows (CPU SDPA is several times
     slower with enable_gqa); a prompt chunk attends over its own slot. Identical prompts (the m samples of a
     meta-agent turn, CoT-SC's n samples) are prefilled once and the slot copied. When no prompt waits and at most 8
@@ -275,7 +276,8 @@ class LocalEngine:
             if r["fed"] == len(r["ids"]):  # the whole prompt is in the cache: its copies get it too
                 prefilling.remove(r)
                 for c in r["copies"]:
-                    self.kv[:, :, c["slot"], :, :r["fed"]] = self.kv[:, :, r["slot"], :, :r["fed"]]
+                    for layer in self.kv:
+                        layer[:, c["slot"], :, :r["fed"]] = layer[:, r["slot"], :, :r["fed"]]
                     c["fed"] = r["fed"]
                 joined = [r] + r["copies"]
                 done.update(id(j) for j in joined if self.extend(j, [self.pick(j, row)]))
@@ -286,24 +288,26 @@ class LocalEngine:
         return still
 
     def reserve(self, slots, length):
-        """Make the cache [layers, 2, slots, kv heads, capacity, head dim] hold `slots` slots of `length` positions,
-        doubling what it lacks, but never past the longest any admitted request can grow (its prompt, its
-        max_tokens and one draft): a doubled capacity nobody reaches was the run's peak memory."""
+        """Make the cache, one [2, slots, kv heads, capacity, head dim] tensor per layer, hold `slots` slots of
+        `length` positions, doubling what it lacks, but never past the longest any admitted request can grow (its
+        prompt, its max_tokens and one draft): a doubled capacity nobody reaches was the run's peak memory. Layers
+        grow one at a time, so a growth holds the old cache plus one new layer, not both caches whole."""
         kv, cfg = self.kv, self.model.config
-        have = (0, 0) if kv is None else (kv.shape[2], kv.shape[4])
+        have = (0, 0) if kv is None else (kv[0].shape[1], kv[0].shape[3])
         if have[0] >= slots and have[1] >= length:
             return
         longest = max(len(r["ids"]) + r["max_tokens"] + self.MAX_DRAFT for r in self.admitted.values())
         size = (have[0] if have[0] >= slots else max(slots, min(2 * have[0], self.MAX_BATCH)),
                 have[1] if have[1] >= length else max(length, min(max(2 * have[1], 64), longest)))
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        # zeros, not empty: decode attention masks the positions past each slot's length, but a masked weight of 0
-        # times a NaN left in uninitialised memory is still NaN
-        grown = self.model.lm_head.weight.new_zeros(cfg.num_hidden_layers, 2, size[0], cfg.num_key_value_heads,
-                                                    size[1], head_dim)
-        if kv is not None:
-            grown[:, :, :have[0], :, :have[1]] = kv
-        self.kv = grown
+        self.kv = kv = kv or [None] * cfg.num_hidden_layers
+        for i, old in enumerate(kv):
+            # zeros, not empty: decode attention masks the positions past each slot's length, but a masked weight
+            # of 0 times a NaN left in uninitialised memory is still NaN
+            kv[i] = self.model.lm_head.weight.new_zeros(2, size[0], cfg.num_key_value_heads, size[1], head_dim)
+            if old is not None:
+                kv[i][:, :have[0], :, :have[1]] = old
+            del old  # freed before the next layer grows
 
     def pick(self, r, logits):
         """The next token from one row of logits: greedy at temperature 0, else sampled with the request's seed."""
@@ -361,8 +365,8 @@ def check_architecture(model):
 def forward(model, kv, decode, prefill, verify=()):
     """One pass of the decoder over `decode` [(slot, token, position)], one new token per running request, and
     `prefill` [(slot, tokens, position of the first)], prompt chunks, and `verify`, chunks of a request's last token
-    and its draft, as one flat batch of tokens; their keys and values go into kv [layers, 2, slots, kv heads,
-    capacity, head dim]. Returns the logits of each decode token, of each prompt chunk's last token, then of every
+    and its draft, as one flat batch of tokens; their keys and values go into kv, per layer a [2, slots, kv heads,
+    capacity, head dim] tensor. Returns the logits of each decode token, of each prompt chunk's last token, then of every
     token of each verify chunk. The model's own modules do the rest (norms, projections, MLP, rotary tables)."""
     import torch
     body, dev = model.model, model.device
@@ -371,7 +375,7 @@ def forward(model, kv, decode, prefill, verify=()):
     pos = [p for _, _, p in decode] + [p + i for _, tokens, p in chunks for i in range(len(tokens))]
     x = body.embed_tokens(torch.tensor(ids, device=dev))
     cos, sin = (c[0] for c in body.rotary_emb(x, torch.tensor([pos], device=dev)))
-    H, KV, D = model.config.num_attention_heads, kv.shape[3], kv.shape[5]
+    H, KV, D = model.config.num_attention_heads, kv[0].shape[2], kv[0].shape[4]
     T, B = len(ids), len(decode)
     slots, dpos = (torch.tensor(v, dtype=torch.long, device=dev) for v in ([s for s, _, _ in decode], pos[:B]))
     S, W = (int(slots.max()) + 1, int(dpos.max()) + 1) if B else (0, 0)
@@ -382,16 +386,16 @@ def forward(model, kv, decode, prefill, verify=()):
         q, k, v = rope(a.q_proj(h).view(T, H, D), cos, sin), rope(a.k_proj(h).view(T, KV, D), cos, sin), \
             a.v_proj(h).view(T, KV, D)
         out = torch.empty_like(q)
+        keys, values = kv[i]
         if B:
-            kv[i, 0, slots, :, dpos], kv[i, 1, slots, :, dpos] = k[:B], v[:B]
-            out[:B] = decode_attention(q[:B], kv[i, 0, :S, :, :W], kv[i, 1, :S, :, :W], slots, mask)
+            keys[slots, :, dpos], values[slots, :, dpos] = k[:B], v[:B]
+            out[:B] = decode_attention(q[:B], keys[:S, :, :W], values[:S, :, :W], slots, mask)
         start = B
         for slot, tokens, p in chunks:
             n = len(tokens)
-            kv[i, 0, slot, :, p:p + n], kv[i, 1, slot, :, p:p + n] = k[start:start + n].transpose(0, 1), \
+            keys[slot, :, p:p + n], values[slot, :, p:p + n] = k[start:start + n].transpose(0, 1), \
                 v[start:start + n].transpose(0, 1)
-            out[start:start + n] = chunk_attention(q[start:start + n], kv[i, 0, slot, :, :p + n],
-                                                   kv[i, 1, slot, :, :p + n], p)
+            out[start:start + n] = chunk_attention(q[start:start + n], keys[slot, :, :p + n], values[slot, :, :p + n], p)
             start += n
         x = x + a.o_proj(out.view(T, H * D))
         x = x + layer.mlp(layer.post_attention_layernorm(x))

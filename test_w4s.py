@@ -2609,7 +2609,7 @@ def test_engine_cache_never_grows_past_what_its_requests_can_reach(fp32_engine, 
     widths, forward = [], llm.forward
 
     def counted(net, kv, decode, prefill, verify=()):
-        widths.append(kv.shape[4])
+        widths.append(kv[0].shape[3])
         return forward(net, kv, decode, prefill, verify)
     monkeypatch.setattr(llm, "forward", counted)
     m = [{"role": "user", "content": "Summarise in one line: " + "the mill by the river grinds wheat, " * 12}]
