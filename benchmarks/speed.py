@@ -13,7 +13,9 @@
                            previous engine (llm.py of OLD_ENGINE, read from git history) and the engine with its
                            drafts off (MAX_DRAFT = 0), each in a process of its own:
                            tokens/s, answers compared, the longest step a decoding request waited behind a prefill, one
-                           decode step at batch 32 vs the bare matmuls of the same shapes, peak RSS; and the engine vs
+                           decode step at batch 32 vs the bare matmuls of the same shapes, the whole pattern's wall time
+                           vs the bare matmuls of the engine's own steps (the floor no scheduling of those steps
+                           beats), peak RSS; and the engine vs
                            one request at a time on an evenly spread subset of the same requests, greedy.
   4. RLAO trainer          rlao.py's micro-batch step (length-sorted batches, action-only vocabulary projection) vs a
                            plain loop (model(..., labels=), random batches padded to their longest), same data and batch
@@ -164,11 +166,17 @@ def bench_local(args, R):
              local_old_differ=differ, local_step_s=new["step_s"], local_old_step_s=old["step_s"],
              local_matmul_s=new["matmul_s"], local_step_vs_matmul=round(new["step_s"] / new["matmul_s"], 2),
              local_peak_rss_mb=new["rss_mb"], local_old_peak_rss_mb=old["rss_mb"],
+             local_floor_tok_s=round(new["raw"]["tokens"] / new["floor_s"], 2),
+             local_vs_floor=round(new["raw"]["seconds"] / new["floor_s"], 2),
              local_raw=dict(new=new["raw"], old=old["raw"]))
     rows = [("local: loop arrivals, engine / previous engine", R["local_vs_old"], ">= 2",
              f"{new['tok_s']} vs {old['tok_s']} tok/s, {args.model}, {OLD_ENGINE}'s engine built in the same run; "
              f"{len(differ)} of {len(new['texts'])} greedy answers differ between the two; peak RSS "
              f"{new['rss_mb']} vs {old['rss_mb']} MB"),
+            ("local: loop arrivals, wall / bare matmuls of the same steps", R["local_vs_floor"], "",
+             f"{new['raw']['seconds']} s vs {new['floor_s']} s: {new['raw']['steps']} steps of "
+             f"{new['raw']['mean_rows_per_step']} token rows on average; at the matmul floor these steps would give "
+             f"{R['local_floor_tok_s']} tok/s"),
             ("local: loop arrivals, drafts / no drafts", R["local_vs_nodraft"], "", f"{new['tok_s']} vs "
              f"{nodraft['tok_s']} tok/s, the same engine with MAX_DRAFT = 0; {new['drafts'][0]} of "
              f"{new['drafts'][1]} drafted tokens kept"),
@@ -218,6 +226,7 @@ def local_child(args, which):
         engine.MAX_DRAFT = 0
     engine.generate(reqs[0]["messages"], 0.0, 2, seed=0)  # warm-up: first-call costs belong to neither side
     waits = record_prefill_waits(engine, which)
+    rows_per_step = record_rows_per_step(mod) if which == "new" else []
     gen = lambda r: engine.generate(r["messages"], 0.0, r["budget"], seed=0)  # noqa: E731
     batched, b = [None] * len(reqs), bar(f"local ({which} engine): loop arrival pattern", len(reqs))
 
@@ -231,6 +240,7 @@ def local_child(args, which):
     [t.start() for t in flows], [t.join() for t in flows]
     t_batch = time.perf_counter() - t0
     b.close()
+    steps = list(rows_per_step)  # the arrival pattern's own steps only: later phases run more
     tok_b = sum(x[2] for x in batched)
     wait_s, wait_tokens = max(waits, default=(0.0, 0))
     res = dict(tok_s=round(tok_b / t_batch, 2), texts=[x[0] for x in batched], wait_s=round(wait_s, 2),
@@ -254,8 +264,14 @@ def local_child(args, which):
     with torch.inference_mode():
         res["step_s"] = round((old_decode_step if which == "old" else new_decode_step)(engine), 3)
         res["matmul_s"] = round(bare_matmuls(engine.model), 3) if which == "new" else None
+        if which == "new":
+            res["floor_s"], res["raw"]["steps"] = round(matmul_floor(engine.model, steps), 1), len(steps)
+            res["raw"]["mean_rows_per_step"] = round(sum(steps) / max(1, len(steps)), 1)
     res["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(json.dumps(res))
+    print(json.dumps(res), flush=True)
+    # The figures are out: skip the interpreter's teardown, during which torch's thread pool and the engine's daemon
+    # thread sometimes end in std::terminate (SIGABRT; 1 of 2 children of the engine of 666f031 too).
+    os._exit(0)
 
 
 def record_prefill_waits(engine, which):
@@ -286,6 +302,32 @@ def record_prefill_waits(engine, which):
                     waits.append((time.perf_counter() - t, tokens))
         engine.step = timed_step
     return waits
+
+
+def record_rows_per_step(mod):
+    """Token rows of every forward pass the engine makes from now on (decode tokens, prompt chunks, drafts)."""
+    rows, forward = [], mod.forward
+
+    def counted(model, kv, decode, prefill, verify=()):
+        rows.append(len(decode) + sum(len(tokens) for _, tokens, _ in list(prefill) + list(verify)))
+        return forward(model, kv, decode, prefill, verify)
+    mod.forward = counted
+    return rows
+
+
+def matmul_floor(model, steps, sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256)):
+    """Seconds the bare matmuls of these steps take (every linear layer over each step's rows; rows between two
+    measured sizes interpolated): no engine that takes the same steps runs faster, whatever its attention and
+    bookkeeping cost."""
+    times = {m: bare_matmuls(model, batch=m) for m in sizes}
+
+    def at(m):
+        lo = max((s for s in sizes if s <= m), default=sizes[0])
+        hi = min((s for s in sizes if s >= m), default=sizes[-1])
+        if lo == hi:
+            return times[lo] * (m / lo if m > sizes[-1] else 1)
+        return times[lo] + (times[hi] - times[lo]) * (m - lo) / (hi - lo)
+    return sum(at(m) for m in steps)
 
 
 def step_prompt(engine):
