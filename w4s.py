@@ -300,17 +300,18 @@ TECHNIQUES = """Techniques to combine (one or two lines each):
 - Decompose: first ask for a short plan or the sub-questions, then solve with the plan in the prompt.
 - Roles and debate: messages=[{"role": "system", "content": "You are a careful mathematician."}, {"role": "user",
   "content": task}]; or two solvers and a judge call that picks one.
-- Program of thought: ask for Python that prints the answer, run it with agent.execute_code(code); if the result
-  starts with "Error", fall back to chain of thought.
+- Program of thought: ask for a function solution() that returns the answer, run it with agent.execute_code(code);
+  if the result starts with "Error" or is empty, fall back to chain of thought.
 - Answer format: extract the final answer (the last \\boxed{...}, the last number) and return it alone.
-Worked example. Feedback: 3 of 5 failures stop mid-calculation and 2 have arithmetic slips. Analysis: the executor
-runs out of room and miscounts, so let code do the arithmetic and keep chain of thought as the fallback:
+Worked example. Feedback on a program-of-thought workflow: 2 failing cases compared "" (the code printed nothing) and
+1 an error. Analysis: an empty result is a failure too, so fall back to chain of thought on it, as on an error:
 def solver(agent, task):
-    reply = agent.call_llm("Write Python code that prints the answer to this problem:\\n" + task)
+    reply = agent.call_llm("Write a Python function solution() that computes the answer to this problem and returns "
+                           "it. Reply with only one ```python block.\\n\\n" + task)
     result = agent.execute_code(reply.split("```python")[-1].split("```")[0])
     if result.startswith("Error") or not result.strip():
         return agent.call_llm(task + "\\nThink step by step. End with \\\\boxed{ANSWER}.")
-    return result"""
+    return "\\\\boxed{" + result + "}\""""
 # A skeleton, not a description: measured on one logged state, 10 samples of the 0.5B each, it took the replies that
 # pass the free pre-screen from 0 to 2 (analysis-only replies from 6 to 4). Again on 4 logged MATH states x 12
 # samples (2026-11-27): this skeleton 8 / 48 pass, a description only 7 / 48, a skeleton with a comment and `...` for
