@@ -395,7 +395,8 @@ def forward(model, kv, decode, prefill, verify=()):
             n = len(tokens)
             keys[slot, :, p:p + n], values[slot, :, p:p + n] = k[start:start + n].transpose(0, 1), \
                 v[start:start + n].transpose(0, 1)
-            out[start:start + n] = chunk_attention(q[start:start + n], keys[slot, :, :p + n], values[slot, :, :p + n], p)
+            out[start:start + n] = chunk_attention(q[start:start + n], keys[slot, :, :p + n], values[slot, :, :p + n],
+                                                   p)
             start += n
         x = x + a.o_proj(out.view(T, H * D))
         x = x + layer.mlp(layer.post_attention_layernorm(x))

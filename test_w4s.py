@@ -258,6 +258,15 @@ def test_a_workflow_holding_the_skeletons_placeholder_fails_the_prescreen():
     assert status == "broken" and "placeholder" in reason
 
 
+def test_the_worked_example_in_the_prompt_is_a_new_workflow_that_passes_the_prescreen():
+    """The 0.5B copies the worked example more than anything else in its prompt (5 of default-12's 6 evaluated
+    workflows), so it must be a workflow the loop can evaluate, not a near-copy of a seed."""
+    example = w4s.TECHNIQUES[w4s.TECHNIQUES.index("def solver"):]
+    seeds = [dict(name=n, code=c) for n, c in w4s.SEED_WORKFLOWS.items()]
+    _, status, reason = w4s.prescreen(f"```python\n{example}\n```", seeds, {"question": "Compute 1 + 2."}, timeout=10)
+    assert (status, reason) == (None, "")
+
+
 def test_near_copy_sees_through_renamed_variables_and_unused_imports():
     archive = [dict(name="self_refine", code=w4s.SEED_WORKFLOWS["self_refine"])]
     renamed = "import re\n" + w4s.SEED_WORKFLOWS["self_refine"].replace("draft", "attempt").replace("feedback", "rev")

@@ -10,7 +10,7 @@
                            one Sandbox (new + first run), in the mode isolation_mode() picks.
   3. Local backend         llm.LocalEngine under a loop-like arrival pattern -- workflows start at staggered times,
                            each sends k requests at once, prompt lengths and output budgets differ -- against the
-                           previous engine (llm.py of OLD_ENGINE, read from git history) and the engine with its
+                           previous engine (llm.py of --old-engine, read from git history) and the engine with its
                            drafts off (MAX_DRAFT = 0), each in a process of its own:
                            tokens/s, answers compared, the longest step a decoding request waited behind a prefill, one
                            decode step at batch 32 vs the bare matmuls of the same shapes, the whole pattern's wall time
@@ -53,6 +53,8 @@ def get_args(argv=None):
     a("--delay", type=float, default=0.2, help="eval: the server's fixed seconds per call")
     for name, (full, quick, text) in SIZES.items():
         a("--" + name.replace("_", "-"), type=type(full), help=f"{text} (default {full}; --quick {quick})")
+    a("--old-engine", default="2643442", help="local: the commit whose llm.py is the previous engine (default: the "
+      "engine issue 17 measured, HF DynamicCache and whole joins)")
     a("--rlao-model", default="embedded:smollm2-135m", help="rlao: policy spec")
     a("--batch-size", type=int, default=4, help="rlao: sequences per micro-batch")
     a("--threads", type=int, default=None, help="torch threads (default: torch's). On a CPU busy with other jobs, 1 "
@@ -155,7 +157,7 @@ def requests_for(args):
 
 def bench_local(args, R):
     """Each engine in a process of its own (a 1.5B model twice would double the RSS and blur each one's figure):
-    the engine as it is, the same engine with its drafts off, then the engine of OLD_ENGINE, on the same requests."""
+    the engine as it is, the same engine with its drafts off, then the engine of --old-engine, on the same requests."""
     new, nodraft, old = (run_engine_child(args, which) for which in ("new", "nodraft", "old"))
     differ = [i for i, (x, y) in enumerate(zip(new["texts"], old["texts"])) if x != y]
     R.update(local_model=args.model, local_tok_s=new["tok_s"], local_old_tok_s=old["tok_s"],
@@ -170,7 +172,7 @@ def bench_local(args, R):
              local_vs_floor=round(new["raw"]["seconds"] / new["floor_s"], 2),
              local_raw=dict(new=new["raw"], old=old["raw"]))
     rows = [("local: loop arrivals, engine / previous engine", R["local_vs_old"], ">= 2",
-             f"{new['tok_s']} vs {old['tok_s']} tok/s, {args.model}, {OLD_ENGINE}'s engine built in the same run; "
+             f"{new['tok_s']} vs {old['tok_s']} tok/s, {args.model}, {args.old_engine}'s engine built in the same run; "
              f"{len(differ)} of {len(new['texts'])} greedy answers differ between the two; peak RSS "
              f"{new['rss_mb']} vs {old['rss_mb']} MB"),
             ("local: loop arrivals, wall / bare matmuls of the same steps", R["local_vs_floor"], "",
@@ -191,7 +193,6 @@ def bench_local(args, R):
     return rows
 
 
-OLD_ENGINE = "2643442"  # main's commit whose llm.py has the engine issue 17 measured (HF DynamicCache, whole joins)
 STEP_CONTEXT = 300
 
 
@@ -204,14 +205,14 @@ def run_engine_child(args, which):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def engine_module(which):
-    """llm as it is, or the llm.py of OLD_ENGINE read from git history (so no copy of the old code is kept)."""
+def engine_module(which, rev):
+    """llm as it is, or the llm.py of --old-engine read from git history (so no copy of the old code is kept)."""
     if which != "old":
         return llm
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = subprocess.check_output(["git", "-C", root, "show", f"{OLD_ENGINE}:llm.py"], text=True)
-    mod = types.ModuleType("llm_" + OLD_ENGINE)
-    exec(compile(code, f"{OLD_ENGINE}:llm.py", "exec"), mod.__dict__)
+    code = subprocess.check_output(["git", "-C", root, "show", f"{rev}:llm.py"], text=True)
+    mod = types.ModuleType("llm_" + rev)
+    exec(compile(code, f"{rev}:llm.py", "exec"), mod.__dict__)
     return mod
 
 
@@ -220,12 +221,12 @@ def local_child(args, which):
     waited behind a prefill, a decode step at batch 32; for the new engine also one request at a time and the bare
     matmuls of its decode step."""
     import torch
-    reqs, mod = requests_for(args), engine_module(which)
+    reqs, mod = requests_for(args), engine_module(which, args.old_engine)
     engine = mod.LocalEngine(args.model)
     if which == "nodraft":
         engine.MAX_DRAFT = 0
     engine.generate(reqs[0]["messages"], 0.0, 2, seed=0)  # warm-up: first-call costs belong to neither side
-    waits = record_prefill_waits(engine, which)
+    waits = record_prefill_waits(engine)
     rows_per_step = record_rows_per_step(mod) if which == "new" else []
     gen = lambda r: engine.generate(r["messages"], 0.0, r["budget"], seed=0)  # noqa: E731
     batched, b = [None] * len(reqs), bar(f"local ({which} engine): loop arrival pattern", len(reqs))
@@ -262,7 +263,7 @@ def local_child(args, which):
             print(f"  local: request {i} differs from char {k}: batched {x[k:k + 40]!r} vs one at a time "
                   f"{y[k:k + 40]!r}", file=sys.stderr)
     with torch.inference_mode():
-        res["step_s"] = round((old_decode_step if which == "old" else new_decode_step)(engine), 3)
+        res["step_s"] = round((joined_decode_step if hasattr(engine, "join") else new_decode_step)(engine), 3)
         res["matmul_s"] = round(bare_matmuls(engine.model), 3) if which == "new" else None
         if which == "new":
             res["floor_s"], res["raw"]["steps"] = round(matmul_floor(engine.model, steps), 1), len(steps)
@@ -274,10 +275,10 @@ def local_child(args, which):
     os._exit(0)
 
 
-def record_prefill_waits(engine, which):
+def record_prefill_waits(engine):
     """(seconds, prompt tokens) of every engine step that prefilled while other requests were decoding."""
     waits = []
-    if which == "old":  # a join prefills the new requests' distinct prompts as one padded batch
+    if hasattr(engine, "join"):  # 2643442's engine: a join prefills the new requests' prompts as one padded batch
         join = engine.join
 
         def timed_join(active, cache, mask, new):
@@ -356,7 +357,7 @@ def new_decode_step(engine, batch=32, reps=3):
     return statistics.median(times) if times else float("nan")
 
 
-def old_decode_step(engine, batch=32, reps=3):
+def joined_decode_step(engine, batch=32, reps=3):
     ids = step_prompt(engine)
     running = [dict(ids=ids, out=[], temperature=0.0, max_tokens=10 ** 6, stop=None) for _ in range(batch)]
     active, cache, mask = engine.join([], None, None, running)
