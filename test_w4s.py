@@ -228,6 +228,21 @@ def test_near_copy_sees_through_dead_code_after_return():
     assert w4s.near_copy(dead, archive) == "cot"
 
 
+def test_near_copy_sees_through_a_variable_inlined():
+    """Default-13's turn 1 evaluated this twice: the pot seed with `prompt` and `code` inlined (reward +0.5 for a
+    copy)."""
+    archive = [dict(name="pot", code=w4s.SEED_WORKFLOWS["pot"])]
+    inlined = '''def solver(agent, task):
+    reply = agent.call_llm("Write a Python function solution() that computes the answer to this problem and returns it. "
+                           "Reply with only one ```python block.\\n\\n" + task)
+    result = agent.execute_code(reply.split("```python")[-1].split("```")[0])
+    if result.startswith("Error"):
+        return agent.call_llm(task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}.")
+    return "\\\\boxed{" + result + "}"
+'''
+    assert w4s.near_copy(inlined, archive) == "pot"
+
+
 def test_a_workflow_that_never_calls_the_executor_fails_the_prescreen():
     """Run rl-2: a gsm8k workflow returning the constant \\boxed{34} scored 0.25 on 4 validation questions, was
     trained on, and 26 of the trained 0.5B's 35 pre-screen passes on MATH were such constants."""

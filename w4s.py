@@ -454,9 +454,9 @@ def extract_workflow(reply):
 
 def normalized(code):
     """(structure, prompts) of code as it runs, for near-copy detection. The structure is the program with its
-    string literals blanked, its local names renamed in order of appearance, and no comments, docstrings, unused
-    imports or statements after a return or raise (a seed with dead code appended is still the seed); the prompts
-    are its string literals with whitespace collapsed."""
+    string literals blanked, its local names renamed in order of appearance, names read once inlined, and no comments,
+    docstrings, unused imports or statements after a return or raise (a seed with dead code appended is still the
+    seed); the prompts are its string literals with whitespace collapsed."""
     try:
         return program_and_prompts(ast.parse(code))
     except (SyntaxError, *UNPARSABLE):  # too deep for ast.unparse: compare the text
@@ -471,6 +471,7 @@ def program_and_prompts(tree):
             if isinstance(body, list):
                 end = next((i for i, s in enumerate(body) if isinstance(s, (ast.Return, ast.Raise))), len(body))
                 body[:] = [s for s in body[:end + 1] if not is_docstring(s)] or [ast.Pass()]
+    inline_single_uses(tree)
     used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -489,6 +490,37 @@ def program_and_prompts(tree):
         elif isinstance(node, ast.FunctionDef) and node.name != "solver":
             node.name = names.setdefault(node.name, f"v{len(names)}")
     return ast.unparse(tree), "\n".join(prompts)
+
+
+def inline_single_uses(tree):
+    """Replace a name assigned once and read once by its value, unless the value asks the executor or runs code:
+    `prompt = task + "..."` then `agent.call_llm(prompt)` is `agent.call_llm(task + "...")`. Default-13's turn 1
+    evaluated the pot seed twice, its prompt variable inlined, and rewarded it +0.5 for beating the first seed."""
+    count = collections.Counter((n.id, type(n.ctx)) for n in ast.walk(tree) if isinstance(n, ast.Name))
+    values = {}
+    for node in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            body = getattr(node, field, None)
+            if not isinstance(body, list):
+                continue
+            for stmt in list(body):
+                name = stmt.targets[0].id if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(
+                    stmt.targets[0], ast.Name) else None
+                if name and count[name, ast.Store] == 1 and count[name, ast.Load] == 1 and not calls_agent(stmt.value):
+                    values[name] = stmt.value
+                    body.remove(stmt)
+            body[:] = body or [ast.Pass()]
+
+    class Inline(ast.NodeTransformer):
+        def visit_Name(self, node):
+            value = values.pop(node.id, None) if isinstance(node.ctx, ast.Load) else None
+            return node if value is None else self.visit(value)
+    Inline().visit(tree)
+
+
+def calls_agent(node):
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in (
+        "call_llm", "execute_code") for n in ast.walk(node))
 
 
 def bound_name(alias):
