@@ -13,6 +13,7 @@ Left out: streaming, tool calls, and any other provider SDK (an OpenAI-compatibl
 from __future__ import annotations
 
 import collections
+import ctypes
 import hashlib
 import importlib.util
 import json
@@ -208,6 +209,7 @@ class LocalEngine:
         while True:
             if not decoding and not prefilling:
                 self.kv = None  # idle: give the cache's memory back
+                give_freed_memory_back()
             self.admit(decoding, prefilling)
             try:
                 with self.torch.inference_mode():
@@ -353,6 +355,16 @@ class LocalEngine:
             text = self.tok.decode(out[-64:])
             return any(s in text for s in r["stop"])
         return False
+
+
+def give_freed_memory_back():
+    """Ask glibc to return the free pages of its heaps to the OS: the cache's smaller layers and a step's activations
+    come from the heap, and freed heap memory otherwise stays in the process's RSS (measured on the 135M after 32
+    requests of 600 tokens: 247 MB above the loaded model when idle, 114 MB after this). Elsewhere a no-op."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def check_architecture(model):
