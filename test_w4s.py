@@ -1471,7 +1471,15 @@ def run_args(server, task, *extra):
 def start(args, cwd, cache):
     err = open(os.path.join(cwd, "stderr.txt"), "a")
     return subprocess.Popen([sys.executable, os.path.join(HERE, "w4s.py"), *args], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=err, env=dict(os.environ, W4S_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1"))
+                            stderr=err, env=dict(os.environ, W4S_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1"),
+                            preexec_fn=as_a_terminal_would)
+
+
+def as_a_terminal_would():
+    """The child takes Ctrl-C as a terminal's foreground process does, whatever an earlier test left in this process:
+    an ignored or blocked SIGINT survives exec (in two full-suite runs the Ctrl-C test's child ignored it; alone, never)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def cache_rows(cache):
