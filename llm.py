@@ -161,8 +161,7 @@ class LocalEngine:
     more than one chunk, and their decode tokens ride along in the chunk's matmuls: the linear layers see all tokens
     as one matrix. Keys and values live in a preallocated cache (a tensor per layer) with a slot per admitted request;
     it doubles when a request outgrows it, a layer at a time, and is freed when the engine goes idle, so no step
-    concatenates or pads a cache. Decode
-    attention is one call over the slots, with each kv head's group of query heads as rows (CPU SDPA is several times
+    concatenates or pads a cache. Decode attention is one call over the slots, with each kv head's group of query heads as rows (CPU SDPA is several times
     slower with enable_gqa); a prompt chunk attends over its own slot. Identical prompts (the m samples of a
     meta-agent turn, CoT-SC's n samples) are prefilled once and the slot copied. When no prompt waits and at most 8
     requests decode (the tail of a workflow's serial calls, a turn's last samples), a step would leave the matmuls
@@ -357,14 +356,15 @@ class LocalEngine:
         return False
 
 
+MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+
+
 def give_freed_memory_back():
     """Ask glibc to return the free pages of its heaps to the OS: the cache's smaller layers and a step's activations
     come from the heap, and freed heap memory otherwise stays in the process's RSS (measured on the 135M after 32
     requests of 600 tokens: 247 MB above the loaded model when idle, 114 MB after this). Elsewhere a no-op."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
 
 
 def check_architecture(model):
@@ -378,8 +378,8 @@ def forward(model, kv, decode, prefill, verify=()):
     """One pass of the decoder over `decode` [(slot, token, position)], one new token per running request, and
     `prefill` [(slot, tokens, position of the first)], prompt chunks, and `verify`, chunks of a request's last token
     and its draft, as one flat batch of tokens; their keys and values go into kv, per layer a [2, slots, kv heads,
-    capacity, head dim] tensor. Returns the logits of each decode token, of each prompt chunk's last token, then of every
-    token of each verify chunk. The model's own modules do the rest (norms, projections, MLP, rotary tables)."""
+    capacity, head dim] tensor. Returns the logits of each decode token, of each prompt chunk's last token, then of
+    every token of each verify chunk. The model's own modules do the rest (norms, projections, MLP, rotary tables)."""
     import torch
     body, dev = model.model, model.device
     chunks = list(prefill) + list(verify)
@@ -407,8 +407,8 @@ def forward(model, kv, decode, prefill, verify=()):
             n = len(tokens)
             keys[slot, :, p:p + n], values[slot, :, p:p + n] = k[start:start + n].transpose(0, 1), \
                 v[start:start + n].transpose(0, 1)
-            out[start:start + n] = chunk_attention(q[start:start + n], keys[slot, :, :p + n], values[slot, :, :p + n],
-                                                   p)
+            seen = slice(0, p + n)
+            out[start:start + n] = chunk_attention(q[start:start + n], keys[slot, :, seen], values[slot, :, seen], p)
             start += n
         x = x + a.o_proj(out.view(T, H * D))
         x = x + layer.mlp(layer.post_attention_layernorm(x))

@@ -465,12 +465,9 @@ def normalized(code):
 
 def program_and_prompts(tree):
     """normalized() on a parsed tree, which it edits in place."""
-    for node in ast.walk(tree):
-        for field in ("body", "orelse", "finalbody"):
-            body = getattr(node, field, None)
-            if isinstance(body, list):
-                end = next((i for i, s in enumerate(body) if isinstance(s, (ast.Return, ast.Raise))), len(body))
-                body[:] = [s for s in body[:end + 1] if not is_docstring(s)] or [ast.Pass()]
+    for body in statement_lists(tree):
+        end = next((i for i, s in enumerate(body) if isinstance(s, (ast.Return, ast.Raise))), len(body))
+        body[:] = [s for s in body[:end + 1] if not is_docstring(s)] or [ast.Pass()]
     inline_single_uses(tree)
     used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     for node in ast.walk(tree):
@@ -498,24 +495,29 @@ def inline_single_uses(tree):
     evaluated the pot seed twice, its prompt variable inlined, and rewarded it +0.5 for beating the first seed."""
     count = collections.Counter((n.id, type(n.ctx)) for n in ast.walk(tree) if isinstance(n, ast.Name))
     values = {}
-    for node in ast.walk(tree):
-        for field in ("body", "orelse", "finalbody"):
-            body = getattr(node, field, None)
-            if not isinstance(body, list):
-                continue
-            for stmt in list(body):
-                name = stmt.targets[0].id if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(
-                    stmt.targets[0], ast.Name) else None
-                if name and count[name, ast.Store] == 1 and count[name, ast.Load] == 1 and not calls_agent(stmt.value):
-                    values[name] = stmt.value
-                    body.remove(stmt)
-            body[:] = body or [ast.Pass()]
+    for body in statement_lists(tree):
+        for stmt in list(body):
+            name = stmt.targets[0].id if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name) \
+                and len(stmt.targets) == 1 else None
+            if name and count[name, ast.Store] == 1 and count[name, ast.Load] == 1 and not calls_agent(stmt.value):
+                values[name] = stmt.value
+                body.remove(stmt)
+        body[:] = body or [ast.Pass()]
 
     class Inline(ast.NodeTransformer):
         def visit_Name(self, node):
             value = values.pop(node.id, None) if isinstance(node.ctx, ast.Load) else None
             return node if value is None else self.visit(value)
     Inline().visit(tree)
+
+
+def statement_lists(tree):
+    """Every list of statements in the tree: bodies, else branches, finally blocks (edited in place by callers)."""
+    for node in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            body = getattr(node, field, None)
+            if isinstance(body, list):
+                yield body
 
 
 def calls_agent(node):
