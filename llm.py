@@ -160,10 +160,11 @@ class LocalEngine:
     CHUNK prompt tokens of the requests still being prefilled. So a new prompt never stalls the running requests for
     more than one chunk, and their decode tokens ride along in the chunk's matmuls: the linear layers see all tokens
     as one matrix. Keys and values live in a preallocated cache (a tensor per layer) with a slot per admitted request;
-    it doubles when a request outgrows it, a layer at a time, and is freed when the engine goes idle, so no step
-    concatenates or pads a cache. Decode attention is one call over the slots, with each kv head's group of query heads as rows (CPU SDPA is several times
-    slower with enable_gqa); a prompt chunk attends over its own slot. Identical prompts (the m samples of a
-    meta-agent turn, CoT-SC's n samples) are prefilled once and the slot copied. When no prompt waits and at most 8
+    it grows by GROW positions when a request (a whole prompt at once) outgrows it, a layer at a time, and is freed
+    when the engine goes idle, so no step concatenates or pads a cache. Decode attention is one call over the slots,
+    with each kv head's group of query heads as rows (CPU SDPA is several times slower with enable_gqa); a prompt
+    chunk attends over its own slot. Identical prompts (the m samples of a meta-agent turn, CoT-SC's n samples) are
+    prefilled once and the slot copied. When no prompt waits and at most 8
     requests decode (the tail of a workflow's serial calls, a turn's last samples), a step would leave the matmuls
     nearly idle, so each request also feeds a draft of up to MAX_DRAFT tokens looked up in its own prompt and reply
     (`draft`) and keeps the longest prefix the model agrees with (`accept`: exact for greedy and sampled requests).
@@ -176,6 +177,7 @@ class LocalEngine:
 
     MAX_BATCH = 32  # requests admitted at once (decoding or prefilling): one cache slot each
     CHUNK = 256     # prompt tokens per step
+    GROW = 256      # cache positions added at once; a growth copies the cache, and every 256 tokens is rare enough
     DRAFT_STEP = 16  # tokens of a decode step that drafts: a bf16 matmul over 16 rows costs about what one row does
     MAX_DRAFT = 7   # drafted tokens per request and step
 
@@ -189,7 +191,8 @@ class LocalEngine:
         self.kv, self.admitted = None, {}  # admitted: cache slot -> request, from admission until release
         self.drafted = self.accepted = 0  # draft tokens verified / kept, over the engine's life
         self.inbox = queue.Queue()
-        threading.Thread(target=self.loop, daemon=True).start()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
 
     def generate(self, messages, temperature, max_tokens, seed, stop=None):
         """Return (text, prompt_tokens, completion_tokens). Greedy when temperature == 0 (deterministic)."""
@@ -203,13 +206,21 @@ class LocalEngine:
             raise RuntimeError(req["error"])
         return self.tok.decode(req["out"], skip_special_tokens=True), len(ids), len(req["out"])
 
+    def close(self):
+        """Stop the engine thread and free the weights; only when no request is queued or running (LLM checks)."""
+        self.inbox.put(None)
+        self.thread.join()
+        self.model = self.kv = None
+        give_freed_memory_back()
+
     def loop(self):
         decoding, prefilling = [], []  # prefilling: prompts not fully in the cache yet, first come first fed
         while True:
             if not decoding and not prefilling:
                 self.kv = None  # idle: give the cache's memory back
                 give_freed_memory_back()
-            self.admit(decoding, prefilling)
+            if not self.admit(decoding, prefilling):
+                return
             try:
                 with self.torch.inference_mode():
                     decoding = self.step(decoding, prefilling)
@@ -220,17 +231,21 @@ class LocalEngine:
 
     def admit(self, decoding, prefilling):
         """Move requests from the inbox into free cache slots (blocking while the engine is idle). A prompt identical
-        to one still being prefilled rides along as its copy: prefilled once, the slot copied when it is done."""
+        to one still being prefilled rides along as its copy: prefilled once, the slot copied when it is done.
+        Returns False when `close` asked the engine to stop."""
         while len(self.admitted) < self.MAX_BATCH:
             try:
                 r = self.inbox.get(block=not decoding and not prefilling)
             except queue.Empty:
-                return
+                return True
+            if r is None:
+                return False
             slot = min(set(range(self.MAX_BATCH)) - self.admitted.keys())
             r.update(slot=slot, fed=0, copies=[])  # fed: prompt tokens in the cache so far
             self.admitted[slot] = r
             same = next((p for p in prefilling if p["ids"] == r["ids"]), None)
             same["copies"].append(r) if same else prefilling.append(r)
+        return True
 
     def release(self, r, error=None):
         r["error"] = error
@@ -253,8 +268,8 @@ class LocalEngine:
         drafts = [(r, draft(r["ids"] + r["out"], k) if k > 0 else []) for r in decoding]
         verify = [(r, [r["out"][-1]] + d) for r, d in drafts if d]
         plain = [r for r, d in drafts if not d]
-        self.reserve(max(self.admitted) + 1, max([r["fed"] + 1 for r in decoding] +
-                                                 [r["fed"] + len(t) for r, t in chunks + verify]))
+        self.reserve(max(self.admitted) + 1, max([r["fed"] + 1 for r in decoding] + [len(r["ids"]) for r, _ in chunks] +
+                                                 [r["fed"] + len(t) for r, t in verify]))
         logits = forward(self.model, self.kv, [(r["slot"], r["out"][-1], r["fed"]) for r in plain],
                          [(r["slot"], tokens, r["fed"]) for r, tokens in chunks],
                          [(r["slot"], tokens, r["fed"]) for r, tokens in verify])
@@ -290,16 +305,17 @@ class LocalEngine:
 
     def reserve(self, slots, length):
         """Make the cache, one [2, slots, kv heads, capacity, head dim] tensor per layer, hold `slots` slots of
-        `length` positions, doubling what it lacks, but never past the longest any admitted request can grow (its
-        prompt, its max_tokens and one draft): a doubled capacity nobody reaches was the run's peak memory. Layers
-        grow one at a time, so a growth holds the old cache plus one new layer, not both caches whole."""
+        `length` positions: slots double, the capacity grows to `length` rounded up to GROW positions, but never past
+        the longest any admitted request can grow (its prompt, its max_tokens and one draft). Every slot has the
+        capacity of the longest, so capacity nobody reaches costs 32 times over: doubling it was the run's peak memory.
+        Layers grow one at a time, so a growth holds the old cache plus one new layer, not both caches whole."""
         kv, cfg = self.kv, self.model.config
         have = (0, 0) if kv is None else (kv[0].shape[1], kv[0].shape[3])
         if have[0] >= slots and have[1] >= length:
             return
         longest = max(len(r["ids"]) + r["max_tokens"] + self.MAX_DRAFT for r in self.admitted.values())
         size = (have[0] if have[0] >= slots else max(slots, min(2 * have[0], self.MAX_BATCH)),
-                have[1] if have[1] >= length else max(length, min(max(2 * have[1], 64), longest)))
+                have[1] if have[1] >= length else max(length, min(-(-length // self.GROW) * self.GROW, longest)))
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv = kv = kv or [None] * cfg.num_hidden_layers
         for i, old in enumerate(kv):
@@ -570,6 +586,7 @@ class LLM:
     """The one place every model call goes through: cache -> budget -> backend (with retries) -> ledger."""
 
     engines = {}  # local engines are shared: one model in memory per spec, one batch for all its callers
+    engine_users = collections.Counter()  # spec -> calls in flight on its engine
     engines_lock = threading.Lock()
     in_flight = {}  # request key -> Event set when its answer is in the cache: concurrent seeds share calls
     in_flight_lock = threading.Lock()
@@ -608,14 +625,28 @@ class LLM:
 
     def call_backend(self, messages, temperature, max_tokens, sample, stop):
         if self.client is None:
-            with LLM.engines_lock:
-                if self.spec not in LLM.engines:
-                    t = time.time()
-                    LLM.engines[self.spec] = LocalEngine(self.spec)
-                    LLM.load_seconds += time.time() - t
-                engine = LLM.engines[self.spec]
-            return engine.generate(messages, temperature, max_tokens, seed=sample, stop=stop)
+            engine = self.local_engine()
+            try:
+                return engine.generate(messages, temperature, max_tokens, seed=sample, stop=stop)
+            finally:
+                with LLM.engines_lock:
+                    LLM.engine_users[self.spec] -= 1
         return self.call_api(messages, temperature, max_tokens, stop)
+
+    def local_engine(self):
+        """The spec's shared engine, loaded on its first call. Before another model loads, every engine with no call
+        in flight is unloaded: the loop alternates between the meta-agent and the executor, and the idle one's
+        weights beside the busy one's batch were the offline run's peak memory, while loading a converted model
+        again takes seconds. Both stay resident only while both are called (a repair during evaluation)."""
+        with LLM.engines_lock:
+            if self.spec not in LLM.engines:
+                for spec in [s for s, engine in LLM.engines.items() if LLM.engine_users[s] == 0]:
+                    LLM.engines.pop(spec).close()
+                t = time.time()
+                LLM.engines[self.spec] = LocalEngine(self.spec)
+                LLM.load_seconds += time.time() - t
+            LLM.engine_users[self.spec] += 1
+            return LLM.engines[self.spec]
 
     def call_api(self, messages, temperature, max_tokens, stop, attempts=None):
         """Bounded retries (W4S_API_ATTEMPTS, default 6) with exponential backoff and jitter; a Retry-After pauses the

@@ -2649,6 +2649,22 @@ def test_engine_cache_never_grows_past_what_its_requests_can_reach(fp32_engine, 
     assert prompt_tokens > 100 and max(widths) <= prompt_tokens + 20 + fp32_engine.MAX_DRAFT
 
 
+def test_engine_cache_grows_to_what_is_used_rounded_up_not_doubled(fp32_engine, monkeypatch):
+    """Every slot has the capacity of the longest request: doubling it as a reply grows left up to half the cache,
+    times 32 slots, unused."""
+    widths, forward = [], llm.forward
+
+    def counted(net, kv, decode, prefill, verify=()):
+        widths.append(kv[0].shape[3])
+        return forward(net, kv, decode, prefill, verify)
+    monkeypatch.setattr(llm, "forward", counted)
+    monkeypatch.setattr(fp32_engine, "GROW", 16)
+    m = [{"role": "user", "content": "Count from one to forty in words, one per line."}]
+    _, prompt_tokens, completion_tokens = fp32_engine.generate(m, 0.0, 200, seed=0)
+    used = prompt_tokens + completion_tokens + fp32_engine.MAX_DRAFT
+    assert completion_tokens > prompt_tokens and max(widths) < used + 16
+
+
 def test_engine_gives_its_cache_back_when_idle(fp32_engine):
     fp32_engine.generate(engine_prompts()[0], 0.0, 4, seed=0)
     deadline = time.monotonic() + 5
@@ -2663,3 +2679,39 @@ def test_engine_model_error_fails_the_requests_in_flight_not_the_engine(fp32_eng
         fp32_engine.generate(engine_prompts()[0], 0.0, 4, seed=0)
     monkeypatch.undo()
     assert fp32_engine.generate(engine_prompts()[0], 0.0, 4, seed=0)[2] > 0
+
+
+def two_local_models(tiny, tmp_path):
+    """A meta-agent and an executor that are two different local models (tiny random Llamas), sharing one cache."""
+    other = tiny_llama(tmp_path / "other", tied=False)
+    ledger, cache = llm.Ledger(), llm.Cache(str(tmp_path / "c.sqlite"))
+    return llm.LLM(f"hf:{tiny}", "meta_agent", ledger, cache), llm.LLM(f"hf:{other}", "executor", ledger, cache)
+
+
+def test_a_local_model_nobody_calls_is_unloaded_before_another_loads(tiny, tmp_path):
+    meta, executor = two_local_models(tiny, tmp_path)
+    meta.chat([{"role": "user", "content": "Hi"}], max_tokens=2)
+    first = llm.LLM.engines[meta.spec]
+    executor.chat([{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert list(llm.LLM.engines) == [executor.spec] and first.model is None and not first.thread.is_alive()
+
+
+def test_a_local_model_with_a_call_in_flight_stays_loaded_while_another_loads(tiny, tmp_path, monkeypatch):
+    meta, executor = two_local_models(tiny, tmp_path)
+    meta.chat([{"role": "user", "content": "Hi"}], max_tokens=2)
+    busy, gate, forward = llm.LLM.engines[meta.spec].model, threading.Event(), llm.forward
+
+    def held(net, *args):
+        if net is busy:
+            gate.wait(60)
+        return forward(net, *args)
+    monkeypatch.setattr(llm, "forward", held)
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(meta.chat, [{"role": "user", "content": "Hello"}], max_tokens=2)
+        while llm.LLM.engine_users[meta.spec] == 0:
+            time.sleep(0.01)
+        executor.chat([{"role": "user", "content": "Hi"}], max_tokens=2)
+        loaded = set(llm.LLM.engines)
+        gate.set()
+        assert call.result(timeout=60)
+    assert loaded == {meta.spec, executor.spec}
