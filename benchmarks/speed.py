@@ -10,8 +10,9 @@
                            one Sandbox (new + first run), in the mode isolation_mode() picks.
   3. Local backend         llm.LocalEngine under a loop-like arrival pattern -- workflows start at staggered times,
                            each sends k requests at once, prompt lengths and output budgets differ -- against the
-                           previous engine (llm.py of --old-engine, read from git history) and the engine with its
-                           drafts off (MAX_DRAFT = 0), each in a process of its own:
+                           previous engine (llm.py of --old-engine, read from git history), the engine with its
+                           drafts off (MAX_DRAFT = 0) and the engine with int8 linear layers (`@int8`), each in a
+                           process of its own:
                            tokens/s, answers compared, the longest step a decoding request waited behind a prefill, one
                            decode step at batch 32 vs the bare matmuls of the same shapes, the whole pattern's wall time
                            vs the bare matmuls of the engine's own steps (the floor no scheduling of those steps
@@ -59,7 +60,7 @@ def get_args(argv=None):
     a("--batch-size", type=int, default=4, help="rlao: sequences per micro-batch")
     a("--threads", type=int, default=None, help="torch threads (default: torch's). On a CPU busy with other jobs, 1 "
       "keeps OpenMP threads from spinning against them")
-    a("--local-engine", choices=["new", "nodraft", "old"], help=argparse.SUPPRESS)  # the child process of bench_local
+    a("--local-engine", choices=["new", "nodraft", "old", "int8"], help=argparse.SUPPRESS)  # the child process of bench_local
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     for name, (full, quick, _) in SIZES.items():
@@ -157,9 +158,11 @@ def requests_for(args):
 
 def bench_local(args, R):
     """Each engine in a process of its own (a 1.5B model twice would double the RSS and blur each one's figure):
-    the engine as it is, the same engine with its drafts off, then the engine of --old-engine, on the same requests."""
-    new, nodraft, old = (run_engine_child(args, which) for which in ("new", "nodraft", "old"))
+    the engine as it is, the same engine with its drafts off, then the engine of --old-engine, then the engine with
+    int8 linear layers, on the same requests."""
+    new, nodraft, old, int8 = (run_engine_child(args, which) for which in ("new", "nodraft", "old", "int8"))
     differ = [i for i, (x, y) in enumerate(zip(new["texts"], old["texts"])) if x != y]
+    int8_differ = [i for i, (x, y) in enumerate(zip(new["texts"], int8["texts"])) if x != y]
     R.update(local_model=args.model, local_tok_s=new["tok_s"], local_old_tok_s=old["tok_s"],
              local_vs_old=round(new["tok_s"] / old["tok_s"], 2), local_single_tok_s=new["single_tok_s"],
              local_nodraft_tok_s=nodraft["tok_s"], local_vs_nodraft=round(new["tok_s"] / nodraft["tok_s"], 2),
@@ -168,13 +171,20 @@ def bench_local(args, R):
              local_old_differ=differ, local_step_s=new["step_s"], local_old_step_s=old["step_s"],
              local_matmul_s=new["matmul_s"], local_step_vs_matmul=round(new["step_s"] / new["matmul_s"], 2),
              local_peak_rss_mb=new["rss_mb"], local_old_peak_rss_mb=old["rss_mb"],
+             local_int8_tok_s=int8["tok_s"], local_int8_vs_old=round(int8["tok_s"] / old["tok_s"], 2),
+             local_int8_vs_new=round(int8["tok_s"] / new["tok_s"], 2), local_int8_differ=int8_differ,
+             local_int8_step_s=int8["step_s"], local_int8_peak_rss_mb=int8["rss_mb"],
              local_floor_tok_s=round(new["raw"]["tokens"] / new["floor_s"], 2),
              local_vs_floor=round(new["raw"]["seconds"] / new["floor_s"], 2),
-             local_raw=dict(new=new["raw"], old=old["raw"]))
+             local_raw=dict(new=new["raw"], old=old["raw"], int8=int8["raw"]))
     rows = [("local: loop arrivals, engine / previous engine", R["local_vs_old"], ">= 2",
              f"{new['tok_s']} vs {old['tok_s']} tok/s, {args.model}, {args.old_engine}'s engine built in the same run; "
              f"{len(differ)} of {len(new['texts'])} greedy answers differ between the two; peak RSS "
              f"{new['rss_mb']} vs {old['rss_mb']} MB"),
+            ("local: loop arrivals, int8 engine / previous engine", R["local_int8_vs_old"], ">= 2",
+             f"{int8['tok_s']} vs {old['tok_s']} tok/s, {args.model}@int8 (opt-in; {R['local_int8_vs_new']}x the bf16 "
+             f"engine); {len(int8_differ)} of {len(new['texts'])} greedy answers differ from the bf16 engine's; "
+             f"decode step at batch 32 {int8['step_s']} s; peak RSS {int8['rss_mb']} MB"),
             ("local: loop arrivals, wall / bare matmuls of the same steps", R["local_vs_floor"], "",
              f"{new['raw']['seconds']} s vs {new['floor_s']} s: {new['raw']['steps']} steps of "
              f"{new['raw']['mean_rows_per_step']} token rows on average; at the matmul floor these steps would give "
@@ -222,7 +232,7 @@ def local_child(args, which):
     matmuls of its decode step."""
     import torch
     reqs, mod = requests_for(args), engine_module(which, args.old_engine)
-    engine = mod.LocalEngine(args.model)
+    engine = mod.LocalEngine(args.model + ("@int8" if which == "int8" else ""))
     if which == "nodraft":
         engine.MAX_DRAFT = 0
     engine.generate(reqs[0]["messages"], 0.0, 2, seed=0)  # warm-up: first-call costs belong to neither side
