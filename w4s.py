@@ -69,10 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--scorer", default=None, help="scorer for a custom JSONL task: exact|numeric|math|choice|f1|code")
     p.add_argument("--description", default=None, help="task description for a custom JSONL task")
     p.add_argument("--meta-agent", default=None, help="model spec of the weak meta-agent: OpenAI name, "
-                   "http://HOST:PORT/v1:MODEL, hf:PATH_OR_ID or embedded:NAME; a local one + @int8 runs int8 linear layers on a "
-                   "CPU, faster, answers differ (README) (default: embedded:qwen2.5-coder-0.5b)")
-    p.add_argument("--executor", default=None, help="model spec of the strong executor (default: gpt-4o-mini when "
-                   "OPENAI_API_KEY is set, else embedded:qwen2.5-coder-1.5b)")
+                   "http://HOST:PORT/v1:MODEL, hf:PATH_OR_ID or embedded:NAME; a local one + @int8 runs int8 linear "
+                   "layers on a CPU, faster, answers differ (README) (default: embedded:qwen2.5-coder-0.5b)")
+    p.add_argument("--executor", default=None, help="model spec of the strong executor, as for --meta-agent (default: "
+                   "gpt-4o-mini when OPENAI_API_KEY is set, else embedded:qwen2.5-coder-1.5b)")
     p.add_argument("--iterations", type=int, default=None, help="meta-agent turns after the seeds (default 30 with an "
                    "API executor, 3 with embedded models)")
     p.add_argument("--samples", type=int, default=None, help="m: meta-agent candidates evaluated per turn (samples that "
