@@ -2735,3 +2735,11 @@ def test_int8_layers_keep_most_next_token_choices_of_fp32():
     with torch.inference_mode():
         agree = (fp32(ids).logits.argmax(-1) == int8(ids).logits.argmax(-1)).float().mean().item()
     assert agree >= 0.75
+
+
+def test_dropping_the_pages_of_an_unwritten_checkpoint_keeps_every_weight():
+    model, _ = llm.load_local_model("embedded:smollm2-135m")
+    before = [p.float().sum().item() for p in model.parameters()]
+    maps = llm.unwritten_checkpoint_maps()
+    llm.drop_pages(maps)
+    assert maps and [p.float().sum().item() for p in model.parameters()] == before
