@@ -147,10 +147,11 @@ def quantize_linears(model):
     """`@int8`: every linear layer (the decoder's and the LM head) becomes int8 weights, one scale per output channel,
     multiplied with activations quantised to 8 bits by fbgemm's dynamic int8 matmul (VNNI units). Decoding is bound
     by reading the weights, and int8 halves them: over the 1.5B's shapes at 32 rows, 167 vs 399 ms for bf16 here;
-    the loaded 1.5B holds 2.45 GB instead of 3.88. fbgemm gives a whole input one scale, so the largest value in the batch would set
-    every row's precision (and batching would change answers): each row is scaled to [-1, 1] first and scaled back
-    after, a scale per token. Teacher-forced next-token agreement with fp32 on the 1.5B, 400 tokens: 0.91 (per-batch
-    scale 0.54; bf16 0.99); the README has the CoT accuracy. Embeddings, norms and attention keep the model's dtype."""
+    the loaded 1.5B holds 2.45 GB instead of 3.88. fbgemm gives a whole input one scale, so the largest value in the
+    batch would set every row's precision (and batching would change answers): each row is scaled to [-1, 1] first
+    and scaled back after, a scale per token. Teacher-forced next-token agreement with fp32 on the 1.5B, 400
+    tokens: 0.91 (one scale per batch: 0.54; bf16: 0.99); the README has the CoT accuracy. Embeddings, norms and
+    attention keep the model's dtype."""
     import torch
     full_range = "vnni" in (open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else "")
 
@@ -226,10 +227,10 @@ class LocalEngine:
     when the engine goes idle, so no step concatenates or pads a cache. Decode attention is one call over the slots,
     with each kv head's group of query heads as rows (CPU SDPA is several times slower with enable_gqa); a prompt
     chunk attends over its own slot. Identical prompts (the m samples of a meta-agent turn, CoT-SC's n samples) are
-    prefilled once and the slot copied. When no prompt waits and at most 8
-    requests decode (the tail of a workflow's serial calls, a turn's last samples), a step would leave the matmuls
-    nearly idle, so each request also feeds a draft of up to MAX_DRAFT tokens looked up in its own prompt and reply
-    (`draft`) and keeps the longest prefix the model agrees with (`accept`: exact for greedy and sampled requests).
+    prefilled once and the slot copied. When no prompt waits and at most 8 requests decode (the tail of a workflow's
+    serial calls, a turn's last samples), a step would leave the matmuls nearly idle, so each request also feeds a
+    draft of up to MAX_DRAFT tokens looked up in its own prompt and reply (`draft`) and keeps the longest prefix the
+    model agrees with (`accept`: exact for greedy and sampled requests).
     Greedy decoding gives the same outputs batched, drafted or one at a time in fp32 (rounding differences, from
     matmuls and attention of other shapes, stay far below the logit gaps); in bf16 near-ties can flip.
     Left out: other architectures (sliding windows, MoE, QK norms; they raise UserError), sharing a common prefix of
