@@ -93,9 +93,13 @@ def embedded_gguf(name):
     return out_dir, os.path.basename(path)
 
 
+def cpu_flags():
+    return open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+
+
 def cpu_has_bf16():
     """bf16 matmuls are 1.7-3.4x faster than fp32 where the CPU has native bf16; emulated bf16 is slower."""
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -153,7 +157,7 @@ def quantize_linears(model):
     tokens: 0.91 (one scale per batch: 0.54; bf16: 0.99); the README has the CoT accuracy. Embeddings, norms and
     attention keep the model's dtype."""
     import torch
-    full_range = "vnni" in (open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else "")
+    full_range = "vnni" in cpu_flags()
 
     class Int8Linear(torch.nn.Module):
         def __init__(self, linear):
@@ -336,7 +340,8 @@ class LocalEngine:
         drafts = [(r, draft(r["ids"] + r["out"], k) if k > 0 else []) for r in decoding]
         verify = [(r, [r["out"][-1]] + d) for r, d in drafts if d]
         plain = [r for r, d in drafts if not d]
-        self.reserve(max(self.admitted) + 1, max([r["fed"] + 1 for r in decoding] + [len(r["ids"]) for r, _ in chunks] +
+        self.reserve(max(self.admitted) + 1, max([r["fed"] + 1 for r in decoding] +
+                                                 [len(r["ids"]) for r, _ in chunks] +
                                                  [r["fed"] + len(t) for r, t in verify]))
         logits = forward(self.model, self.kv, [(r["slot"], r["out"][-1], r["fed"]) for r in plain],
                          [(r["slot"], tokens, r["fed"]) for r, tokens in chunks],

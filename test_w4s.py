@@ -1476,8 +1476,9 @@ def start(args, cwd, cache):
 
 
 def as_a_terminal_would():
-    """The child takes Ctrl-C as a terminal's foreground process does, whatever an earlier test left in this process:
-    an ignored or blocked SIGINT survives exec (in two full-suite runs the Ctrl-C test's child ignored it; alone, never)."""
+    """The child takes Ctrl-C as a terminal's foreground process does, whatever this process inherited: an ignored
+    SIGINT survives exec, and a non-interactive shell starts its `&` commands with SIGINT ignored (a .ci/run started
+    in the background failed the Ctrl-C test twice; in the foreground, never)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 

@@ -60,7 +60,8 @@ def get_args(argv=None):
     a("--batch-size", type=int, default=4, help="rlao: sequences per micro-batch")
     a("--threads", type=int, default=None, help="torch threads (default: torch's). On a CPU busy with other jobs, 1 "
       "keeps OpenMP threads from spinning against them")
-    a("--local-engine", choices=["new", "nodraft", "old", "int8"], help=argparse.SUPPRESS)  # the child process of bench_local
+    # the child process of bench_local
+    a("--local-engine", choices=["new", "nodraft", "old", "int8"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     for name, (full, quick, _) in SIZES.items():
