@@ -2637,6 +2637,23 @@ def test_engine_feeds_a_joining_prompt_in_chunks_while_others_decode(fp32_engine
     assert max(prompt for _, prompt in steps) <= 8 and any(decode and prompt for decode, prompt in steps)
 
 
+def test_engine_prefills_a_prompt_only_past_the_prefix_it_shares_with_one_before_it(fp32_engine, monkeypatch):
+    fed, forward = [], llm.forward  # prompt tokens of every forward pass
+
+    def counted(net, kv, decode, prefill, verify=()):
+        fed.extend(len(tokens) for _, tokens, _ in prefill)
+        return forward(net, kv, decode, prefill, verify)
+    monkeypatch.setattr(llm, "forward", counted)
+    story = "The mill by the river grinds wheat for the village every morning. " * 6
+    prompts = [[{"role": "user", "content": story + q}] for q in ("Who uses the mill?", "When does it grind?")]
+    alone = [fp32_engine.generate(m, 0.0, 12, seed=0)[0] for m in prompts]
+    fed.clear()
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda m: fp32_engine.generate(m, 0.0, 12, seed=0), prompts))
+    assert [text for text, _, _ in together] == alone
+    assert sum(fed) < sum(n for _, n, _ in together) - 80  # the story (about 85 tokens) was fed once
+
+
 def test_engine_cache_never_grows_past_what_its_requests_can_reach(fp32_engine, monkeypatch):
     """Doubling the cache's length as a reply grows would allocate up to twice a long prompt that nobody reaches."""
     widths, forward = [], llm.forward
