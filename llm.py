@@ -246,8 +246,9 @@ class LocalEngine:
     matmuls and attention of other shapes, stay far below the logit gaps); in bf16 near-ties can flip.
     Left out: other architectures (sliding windows, MoE, QK norms; they raise UserError), a prefix cache that outlives
     its requests (a prefix is shared only while its donor is admitted), a draft model, fused weights (fusing Q/K/V
-    and gate/up made those matmuls 15-25 % faster but kept 1.7 GB more resident), int8 by default (`@int8` is opt-in: `quantize_linears`; weight-only int8 through
-    aten._weight_int8pack_mm was faster than bf16 only at 1-2 rows), CUDA graphs / torch.compile."""
+    and gate/up made those matmuls 15-25 % faster but kept 1.7 GB more resident), int8 by default (`@int8` is
+    opt-in: `quantize_linears`; weight-only int8 through aten._weight_int8pack_mm was faster than bf16 only at 1-2
+    rows), CUDA graphs / torch.compile."""
 
     MAX_BATCH = 32  # requests admitted at once (decoding or prefilling): one cache slot each
     CHUNK = 256     # prompt tokens per step
@@ -305,7 +306,8 @@ class LocalEngine:
 
     def admit(self, decoding, prefilling):
         """Move requests from the inbox into free cache slots (blocking while the engine is idle), each with the
-        admitted request it shares the longest prompt prefix with (`prefix_donor`). Returns False when `close` asked the engine to stop."""
+        admitted request it shares the longest prompt prefix with (`prefix_donor`). Returns False when `close` asked
+        the engine to stop."""
         while len(self.admitted) < self.MAX_BATCH:
             try:
                 r = self.inbox.get(block=not decoding and not prefilling)
