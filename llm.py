@@ -265,6 +265,7 @@ class LocalEngine:
                                      self.tok.convert_tokens_to_ids("<|endoftext|>")] if isinstance(i, int) and i >= 0}
         self.kv, self.admitted = None, {}  # admitted: cache slot -> request, from admission until release
         self.drafted = self.accepted = 0  # draft tokens verified / kept, over the engine's life
+        self.prompted = self.shared = 0  # prompt tokens admitted / copied from a donor's slot instead of prefilled
         self.inbox = queue.Queue()
         self.thread = threading.Thread(target=self.loop, daemon=True)
         self.thread.start()
@@ -318,6 +319,7 @@ class LocalEngine:
             slot = min(set(range(self.MAX_BATCH)) - self.admitted.keys())
             r.update(slot=slot, fed=0)  # fed: prompt tokens in the cache so far
             r["donor"], r["shared"] = self.prefix_donor(r)
+            self.prompted += len(r["ids"])
             self.admitted[slot] = r
             prefilling.append(r)
         return True
@@ -340,21 +342,21 @@ class LocalEngine:
 
     def step(self, decoding, prefilling):
         """One forward pass: the last token of every decoding request, then the next CHUNK prompt tokens in arrival
-        order; or, when no prompt waits and few requests decode, each decoding request's last token plus a draft of
+        order (past the prefix each prompt copies from its donor's slot); or, when no prompt waits and few requests decode, each decoding request's last token plus a draft of
         the tokens that follow it (`draft`), verified in the same pass. Returns the requests decoding after this step
         (finished ones are released)."""
         chunks, budget, shares = [], self.CHUNK, []
         for r in prefilling:
             if budget == 0:
                 break
-            if r["donor"] is not None:  # copy the shared prefix from the donor's slot, once it is in the cache
-                d = r["donor"]
-                if self.admitted.get(d["slot"]) is d and d["fed"] < r["shared"]:
-                    continue  # the donor is ahead in this queue: wait for it
-                if self.admitted.get(d["slot"]) is d:  # (else it finished and gave its slot up: prefill it all)
-                    shares.append((d["slot"], r["slot"], r["shared"]))
-                    r["fed"] = r["shared"]
-                r["donor"] = None
+            d = r["donor"]
+            if d is not None and self.admitted.get(d["slot"]) is d:  # (a donor gone gave its slot up: prefill all)
+                if d["fed"] < r["shared"]:
+                    continue  # the donor is ahead in this queue: wait until the shared prefix is in its slot
+                shares.append((d["slot"], r["slot"], r["shared"]))
+                r["fed"] = r["shared"]
+                self.shared += r["shared"]
+            r["donor"] = None
             n = min(budget, len(r["ids"]) - r["fed"])
             chunks.append((r, r["ids"][r["fed"]:r["fed"] + n]))
             budget -= n

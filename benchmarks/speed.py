@@ -11,8 +11,8 @@
   3. Local backend         llm.LocalEngine under a loop-like arrival pattern -- workflows start at staggered times,
                            each sends k requests at once, prompt lengths and output budgets differ -- against the
                            previous engine (llm.py of --old-engine, read from git history), the engine with its
-                           drafts off (MAX_DRAFT = 0) and the engine with int8 linear layers (`@int8`), each in a
-                           process of its own:
+                           drafts off (MAX_DRAFT = 0), with no prompt prefix shared, and with int8 linear layers
+                           (`@int8`), each in a process of its own:
                            tokens/s, answers compared, the longest step a decoding request waited behind a prefill, one
                            decode step at batch 32 vs the bare matmuls of the same shapes, the whole pattern's wall time
                            vs the bare matmuls of the engine's own steps (the floor no scheduling of those steps
@@ -61,7 +61,7 @@ def get_args(argv=None):
     a("--threads", type=int, default=None, help="torch threads (default: torch's). On a CPU busy with other jobs, 1 "
       "keeps OpenMP threads from spinning against them")
     # the child process of bench_local
-    a("--local-engine", choices=["new", "nodraft", "old", "int8"], help=argparse.SUPPRESS)
+    a("--local-engine", choices=["new", "nodraft", "noshare", "old", "int8"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     for name, (full, quick, _) in SIZES.items():
@@ -159,15 +159,17 @@ def requests_for(args):
 
 def bench_local(args, R):
     """Each engine in a process of its own (a 1.5B model twice would double the RSS and blur each one's figure):
-    the engine as it is, the same engine with its drafts off, then the engine of --old-engine, then the engine with
-    int8 linear layers, on the same requests."""
-    new, nodraft, old, int8 = (run_engine_child(args, which) for which in ("new", "nodraft", "old", "int8"))
+    the engine as it is, the same engine with its drafts off, then with no prompt prefix shared, then the engine of
+    --old-engine, then the engine with int8 linear layers, on the same requests."""
+    new, nodraft, noshare, old, int8 = (run_engine_child(args, which)
+                                        for which in ("new", "nodraft", "noshare", "old", "int8"))
     differ = [i for i, (x, y) in enumerate(zip(new["texts"], old["texts"])) if x != y]
     int8_differ = [i for i, (x, y) in enumerate(zip(new["texts"], int8["texts"])) if x != y]
     R.update(local_model=args.model, local_tok_s=new["tok_s"], local_old_tok_s=old["tok_s"],
              local_vs_old=round(new["tok_s"] / old["tok_s"], 2), local_single_tok_s=new["single_tok_s"],
              local_nodraft_tok_s=nodraft["tok_s"], local_vs_nodraft=round(new["tok_s"] / nodraft["tok_s"], 2),
-             local_drafts=new["drafts"],
+             local_drafts=new["drafts"], local_noshare_tok_s=noshare["tok_s"],
+             local_vs_noshare=round(new["tok_s"] / noshare["tok_s"], 2), local_shared=new["shared"],
              local_batch_speedup=round(new["tok_s"] / new["single_tok_s"], 2), local_differ=new["differ"],
              local_old_differ=differ, local_step_s=new["step_s"], local_old_step_s=old["step_s"],
              local_matmul_s=new["matmul_s"], local_step_vs_matmul=round(new["step_s"] / new["matmul_s"], 2),
@@ -193,6 +195,9 @@ def bench_local(args, R):
             ("local: loop arrivals, drafts / no drafts", R["local_vs_nodraft"], "", f"{new['tok_s']} vs "
              f"{nodraft['tok_s']} tok/s, the same engine with MAX_DRAFT = 0; {new['drafts'][0]} of "
              f"{new['drafts'][1]} drafted tokens kept"),
+            ("local: loop arrivals, shared prefixes / none", R["local_vs_noshare"], "", f"{new['tok_s']} vs "
+             f"{noshare['tok_s']} tok/s, the same engine with no prompt prefix copied; {new['shared'][0]} of "
+             f"{new['shared'][1]} prompt tokens copied from another request's slot instead of prefilled"),
             ("local: decode step at batch 32 / bare matmuls", R["local_step_vs_matmul"], "<= 1.3",
              f"{new['step_s']} s vs {new['matmul_s']} s for the same matmul shapes alone (previous engine's step "
              f"{old['step_s']} s), context {STEP_CONTEXT} tokens"),
@@ -236,6 +241,8 @@ def local_child(args, which):
     engine = mod.LocalEngine(args.model + ("@int8" if which == "int8" else ""))
     if which == "nodraft":
         engine.MAX_DRAFT = 0
+    if which == "noshare":
+        engine.prefix_donor = lambda r: (None, 0)
     engine.generate(reqs[0]["messages"], 0.0, 2, seed=0)  # warm-up: first-call costs belong to neither side
     waits = record_prefill_waits(engine)
     rows_per_step = record_rows_per_step(mod) if which == "new" else []
@@ -257,6 +264,7 @@ def local_child(args, which):
     wait_s, wait_tokens = max(waits, default=(0.0, 0))
     res = dict(tok_s=round(tok_b / t_batch, 2), texts=[x[0] for x in batched], wait_s=round(wait_s, 2),
                drafts=[getattr(engine, "accepted", 0), getattr(engine, "drafted", 0)],
+               shared=[getattr(engine, "shared", 0), getattr(engine, "prompted", 0)],
                wait_tokens=wait_tokens, chunk=getattr(engine, "CHUNK", None), bf16=llm.best_cpu_dtype() != torch.float32,
                raw=dict(requests=len(reqs), tokens=tok_b, seconds=round(t_batch, 1), steps_behind_prefill=len(waits),
                         prompt_tokens=[min(x[1] for x in batched), max(x[1] for x in batched)]))
