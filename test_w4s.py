@@ -2654,6 +2654,27 @@ def test_engine_prefills_a_prompt_only_past_the_prefix_it_shares_with_one_before
     assert sum(fed) < sum(n for _, n, _ in together) - 80  # the story (about 85 tokens) was fed once
 
 
+def test_engine_never_copies_a_prefix_from_a_donor_that_has_given_its_slot_up(fp32_engine, monkeypatch):
+    """The donor (max_tokens=1) finishes in the step its prefill ends; its slot may go to a new request, so the
+    request waiting on it prefills its whole prompt."""
+    forward = llm.forward
+
+    def slow(net, kv, decode, prefill, verify=()):
+        time.sleep(0.02)  # the second request arrives while the first is still prefilling
+        return forward(net, kv, decode, prefill, verify)
+    monkeypatch.setattr(llm, "forward", slow)
+    monkeypatch.setattr(fp32_engine, "CHUNK", 8)
+    m = engine_prompts()[1]
+    alone, shared = fp32_engine.generate(m, 0.0, 8, seed=0)[0], fp32_engine.shared
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(fp32_engine.generate, m, 0.0, 1, 0)
+        while not fp32_engine.admitted:
+            time.sleep(0.001)
+        second = pool.submit(fp32_engine.generate, m, 0.0, 8, 0)
+        assert first.result()[2] == 1 and second.result()[0] == alone
+    assert fp32_engine.shared == shared
+
+
 def test_engine_cache_never_grows_past_what_its_requests_can_reach(fp32_engine, monkeypatch):
     """Doubling the cache's length as a reply grows would allocate up to twice a long prompt that nobody reaches."""
     widths, forward = [], llm.forward
