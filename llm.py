@@ -14,6 +14,7 @@ Left out: streaming, tool calls, and any other provider SDK (an OpenAI-compatibl
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import ctypes
 import hashlib
@@ -271,6 +272,8 @@ class LocalEngine:
         self.inbox = queue.Queue()
         self.thread = threading.Thread(target=self.loop, daemon=True)
         self.thread.start()
+        atexit.register(self.close)  # an engine thread alive at interpreter teardown sometimes ends the process in
+        # std::terminate (SIGABRT, exit code 134), failing a process that had finished: 1 of 16 plain exits here
 
     def generate(self, messages, temperature, max_tokens, seed, stop=None):
         """Return (text, prompt_tokens, completion_tokens). Greedy when temperature == 0 (deterministic)."""
@@ -285,7 +288,8 @@ class LocalEngine:
         return self.tok.decode(req["out"], skip_special_tokens=True), len(ids), len(req["out"])
 
     def close(self):
-        """Stop the engine thread and free the weights; only when no request is queued or running (LLM checks)."""
+        """Stop the engine thread and free the weights: when no request is queued or running (LLM checks), or at
+        exit, whatever is."""
         self.inbox.put(None)
         self.thread.join()
         self.model = self.kv = None
