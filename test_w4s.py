@@ -1,6 +1,7 @@
 """Tests for W4S: one property per test, real parts over mocks (the real sandbox, real subprocesses, a real local
 HTTP server speaking the OpenAI chat-completions protocol, the tiny real SmolLM2 model). Slow end-to-end tests are
 marked `slow`; `pytest -m "not slow"` runs the fast suite only."""
+import gc
 import importlib.util
 import json
 import os
@@ -17,6 +18,7 @@ import textwrap
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter
 
 import pytest
@@ -2754,6 +2756,18 @@ def test_a_local_model_with_a_call_in_flight_stays_loaded_while_another_loads(ti
         gate.set()
         assert call.result(timeout=60)
     assert loaded == {meta.spec, executor.spec}
+
+
+def test_a_closed_engine_is_not_kept_alive_by_the_exit_hook(tiny):
+    """Engines still running are stopped at exit (a live engine thread at teardown can abort the process); a closed
+    one must not stay referenced for that: the loop reloads a local model each turn."""
+    engine = llm.LocalEngine(f"hf:{tiny}")
+    assert engine in llm.LocalEngine.running
+    engine.close()
+    ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert ref() is None
 
 
 def test_an_int8_spec_runs_every_linear_layer_in_int8():
