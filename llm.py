@@ -276,8 +276,11 @@ class LocalEngine:
         LocalEngine.running.add(self)
 
     def generate(self, messages, temperature, max_tokens, seed, stop=None):
-        """Return (text, prompt_tokens, completion_tokens). Greedy when temperature == 0 (deterministic)."""
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        """Return (text, prompt_tokens, completion_tokens). Greedy when temperature == 0 (deterministic). A last
+        assistant message is continued: the reply goes on from its text (what the model wrote, or a prefill)."""
+        opened = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+        text = self.tok.apply_chat_template(messages[:-1] if opened is not None else messages,
+                                            add_generation_prompt=True, tokenize=False) + (opened or "")
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         req = dict(ids=list(ids), temperature=temperature, max_tokens=max_tokens, out=[], done=threading.Event(),
                    stop=stop, gen=self.torch.Generator().manual_seed(seed), error=None)
@@ -712,6 +715,7 @@ class LLM:
         self.gate = threading.Semaphore(concurrency)  # bounds in-flight API calls across all workflows
         self.not_before = 0.0  # a 429 with Retry-After pauses the whole pool, not just one sample
         self.client = None if is_local_spec(spec) else openai_client(spec)
+        self.can_continue = self.client is None  # a last assistant message is continued (API servers vary: not used)
         self.model = spec.rsplit(":", 1)[1] if spec.startswith("http") else spec
 
     def chat(self, messages, temperature=0.0, max_tokens=1024, sample=0, stop=None):

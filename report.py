@@ -171,8 +171,15 @@ def cases_html(cases):
 
 
 def debug_html(rounds):
-    return "".join(f"<h3>self-debug round {i + 1}: the error shown to the meta-agent</h3><pre class='err'>"
-                   f"{esc(r.get('error', ''))}</pre>" + code_html(r.get("code")) for i, r in enumerate(rounds))
+    """Each repair round: the workflow it was shown, what failed, and the meta-agent's reply."""
+    return "".join(f"<h3>repair round {i + 1}: what failed, as shown to the meta-agent</h3><pre class='err'>"
+                   f"{esc(r.get('error', ''))}</pre>" + code_html(r.get("code"))
+                   + (f"<h3>its repair</h3><pre>{esc(r['reply'])}</pre>" if r.get("reply") else "")
+                   for i, r in enumerate(rounds))
+
+
+def fmt_reward(r):
+    return "–" if r is None else f"{r:+.2f}"
 
 
 def code_html(code):
@@ -183,7 +190,7 @@ def action_row(row, codes):
     chosen, status = row.get("chosen"), esc(row.get("status"))
     cells = [row.get("episode"), row.get("turn"), row.get("iteration"), row.get("sample")]
     summary = "".join(f"<span>{esc(c)}</span>" for c in cells) + (
-        f"<span>{fmt_acc(row.get('val_accuracy'))}</span><span>{row.get('reward') or 0:+.2f}</span>"
+        f"<span>{fmt_acc(row.get('val_accuracy'))}</span><span>{fmt_reward(row.get('reward'))}</span>"
         f"<span class='st-{status}'>{'✔ chosen' if chosen else ''} {status} {esc(row.get('reason') or '')}</span>")
     code = row.get("code")
     parent = row.get("parent")
@@ -195,8 +202,12 @@ def action_row(row, codes):
             + cases_html(row.get("cases") or [])]
     if row.get("debug"):
         body.append(debug_html(row["debug"]))
+    if row.get("prefilled"):
+        body.append(f"<h3>the reply had no code: it was continued from this prefill</h3><pre>"
+                    f"{esc(row['prefilled'])}</pre>")
     if row.get("first_action") and row["first_action"] != row.get("action"):
-        body.append(f"<h3>the meta-agent's first reply, before self-debug</h3><pre>{esc(row['first_action'])}</pre>")
+        body.append(f"<h3>the meta-agent's own reply, before completion and repair</h3><pre>"
+                    f"{esc(row['first_action'])}</pre>")
     return (f"<details class='act{' chosen' if chosen else ''}'><summary class='grid'>{summary}</summary>"
             f"<div class='body'>{''.join(body)}</div></details>")
 

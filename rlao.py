@@ -133,20 +133,27 @@ def die(msg):
 
 # ----------------------------------------------------------------------------------------------------------- data
 def load_examples(paths, invalid_reward=None):
-    """One example per evaluated action: state messages -> action text, reward, group = (run, iteration). An action
-    that never reached evaluation is left out, or kept with `invalid_reward` when one is given."""
+    """One example per kept action (evaluated above 0.05 validation accuracy, or a warm-up pre-screen pass): state
+    messages -> action text, reward, group = (run, iteration). Any other action (a copy, no workflow, broken, or
+    discarded at <= 0.05) is left out, or kept with `invalid_reward` when one is given."""
     examples = []
     for f, n, rec in trajectory_rows(paths):
-        if not isinstance(rec.get("reward"), (int, float)) or not rec.get("action") or not rec.get("messages"):
-            continue  # nothing to learn from (no reward, or the meta-agent produced no reply)
-        evaluated = rec.get("val_accuracy") is not None or rec.get("warmup_pass", False)
-        if not evaluated and invalid_reward is None:
+        if not rec.get("action") or not rec.get("messages"):
+            continue  # nothing to learn from (the meta-agent produced no reply)
+        kept = is_kept(rec)
+        if not kept and invalid_reward is None:
             continue
         run = str(rec.get("run", f))
-        reward = float(rec["reward"]) if evaluated else invalid_reward
+        reward = float(rec["reward"]) if kept else invalid_reward
         examples.append(dict(messages=rec["messages"], action=rec["action"], reward=reward, task=rec.get("task"),
                              run=run, group=(run, rec.get("iteration", f"line{n}"))))
     return examples
+
+
+def is_kept(rec):
+    """An action with a reward to learn from: a workflow kept after evaluation, or a warm-up pre-screen pass."""
+    return isinstance(rec.get("reward"), (int, float)) and (rec.get("status") == "ok" or rec.get("warmup_pass", False))
+
 
 def trajectory_rows(paths):
     """(file, line number, row) of every trajectory.jsonl under these run dirs / files."""
@@ -713,7 +720,7 @@ def run_rounds(args, rank, world, device):
                     t0 = time.time()
                     w4s_run(args, task, policy, coll, [])
                     rows = [r for _, _, r in trajectory_rows([coll])]
-                    evaluated = [r["reward"] for r in rows if r.get("val_accuracy") is not None]
+                    evaluated = [r["reward"] for r in rows if is_kept(r)]
                     rec["collect"][task] = dict(actions=len(rows), evaluated=len(evaluated), seconds=round(time.time() - t0),
                                                 mean_reward=sum(evaluated) / len(evaluated) if evaluated else None)
                     if not evaluated and args.warmup_k:  # the paper's reward is missing: the pre-screen stands in
@@ -751,7 +758,7 @@ def measure(args, policy, rdir, fixed_states):
         t0 = time.time()
         w4s_run(args, args.eval_task, policy, rdir / "eval", ["--iterations", str(args.eval_iterations)])
         rows = [r for _, _, r in trajectory_rows([rdir / "eval"])]
-        rewards = [r["reward"] for r in rows if r.get("val_accuracy") is not None]
+        rewards = [r["reward"] for r in rows if is_kept(r)]
         rep = json.loads((rdir / "eval" / "report.json").read_text())
         best_seed = max(s["val"] for s in rep["seeds"].values())
         res["w4s"] = dict(evaluated=len(rewards), actions=len(rows), seconds=round(time.time() - t0),
@@ -797,8 +804,13 @@ def print_rounds(history):
         fig2 = (f"{w['mean_reward'] if w['mean_reward'] is not None else float('nan'):.3f} over {w['evaluated']}, "
                 f"{w['best_val_gain']:+.3f}") if w else "-"
         print(f"rlao: {h['round']:5d} | {s['pass_rate']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] ({s['n']}) | {fig2} | "
-              + (f"{h['train']['seconds']} s, peak RSS {h['train']['peak_rss_gib']} GiB" if "train" in h else "-"),
-              flush=True)
+              + train_cell(h.get("train", {})), flush=True)
+
+
+def train_cell(t):
+    """The training column of a round: its time and memory, or why it was skipped."""
+    return f"{t['seconds']} s, peak RSS {t['peak_rss_gib']} GiB" if "seconds" in t else t.get("skipped", "-")
+
 
 def main(argv=None):
     args = get_args(argv)

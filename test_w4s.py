@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 import uuid
 import weakref
 from collections import Counter
@@ -161,6 +162,29 @@ def test_local_engine_samples_of_one_shared_prompt_differ(fp32_engine):
     assert len(set(texts)) > 1
 
 
+def test_local_engine_continues_a_last_assistant_message(fp32_engine):
+    """Greedy in fp32: continuing the first words of a reply gives the rest of the same reply."""
+    msgs = engine_prompts()[1]
+    whole = fp32_engine.generate(msgs, 0.0, 32, seed=0)[0]
+    head = whole[:whole.index(" ", len(whole) // 3)]
+    rest = fp32_engine.generate(msgs + [{"role": "assistant", "content": head}], 0.0, 16, seed=0)[0]
+    assert len(head) > 5 and whole.startswith(head + rest[:20])
+
+
+def test_an_analysis_only_reply_of_the_tiny_local_model_is_continued_from_the_code_opening(tmp_path):
+    meta = llm.LLM("embedded:smollm2-135m", "meta_agent", llm.Ledger(), llm.Cache(str(tmp_path / "c.sqlite")))
+    run = types.SimpleNamespace(args=types.SimpleNamespace(meta_max_tokens=24), meta_pool=ThreadPoolExecutor(2),
+                                phases={})
+    state = [{"role": "system", "content": w4s.META_SYSTEM}, {"role": "user", "content": "Write a workflow."}]
+    cands = [dict(seed=s, messages=state, action="I will ask for a careful answer.", prefilled="") for s in (0, 1)]
+    cands.append(dict(seed=2, messages=state, action="Here.\n```python\ndef solver(agent, task):\n    return 1\n```",
+                      prefilled=""))
+    w4s.complete_code(meta, cands, run)
+    opened = "I will ask for a careful answer.\n\n" + w4s.CODE_OPENING
+    assert all(c["action"].startswith(opened) and len(c["action"]) > len(opened) for c in cands[:2])
+    assert [c["prefilled"] for c in cands] == [w4s.CODE_OPENING, w4s.CODE_OPENING, ""]  # a reply with code is kept
+
+
 def test_continuous_reward_is_relative_gain_over_best():
     assert w4s.reward(0.6, 0.5, 0.4, "continuous") == pytest.approx(0.2)
 
@@ -269,12 +293,6 @@ def test_a_workflow_that_never_shows_the_executor_the_task_fails_the_prescreen()
     assert w4s.prescreen(f"```python\n{seeing}```", [], {"question": question}, timeout=10)[1] is None
 
 
-def test_a_workflow_holding_the_skeletons_placeholder_fails_the_prescreen():
-    pasted = "def solver(agent, task):\n    return agent.call_llm('" + w4s.PLACEHOLDER + ": ...) ' + task)\n"
-    _, status, reason = w4s.prescreen(f"```python\n{pasted}```", [], {"question": "Compute 1 + 2."}, timeout=10)
-    assert status == "broken" and "placeholder" in reason
-
-
 def test_the_worked_example_in_the_prompt_is_a_new_workflow_that_passes_the_prescreen():
     """The 0.5B copies the worked example more than anything else in its prompt (5 of default-12's 6 evaluated
     workflows), so it must be a workflow the loop can evaluate, not a near-copy of a seed."""
@@ -341,8 +359,8 @@ def test_every_sample_drawn_is_logged_with_its_status_and_reward(default_run):
         samples = [r["sample"] for r in rows if r["iteration"] == it]
         assert samples == list(range(len(samples))) and 3 <= len(samples) <= 9  # m = 3, at most 3m drawn
     statuses = {"unextractable", "near-copy", "broken", "spare", "error", "discarded", "ok"}
-    assert all(r["status"] in statuses and isinstance(r["reward"], float) for r in rows)
-    assert all(r["reward"] == 0 for r in rows if r["val_accuracy"] is None)
+    assert all(r["status"] in statuses for r in rows)
+    assert all(isinstance(r["reward"], float) == (r["status"] == "ok") for r in rows)  # only a kept workflow is rewarded
 
 
 def test_near_copies_are_rejected_before_any_executor_call(sums_task, tmp_path):
@@ -396,25 +414,85 @@ def test_self_debug_sends_the_workflows_own_line_numbers(sums_task, tmp_path):
     assert 'File "workflow.py", line 3' in fix_request["messages"][-1]["content"]
 
 
-def test_a_repaired_candidate_logs_the_reply_that_produced_its_code(sums_task, tmp_path):
+def test_a_repaired_action_is_logged_as_its_original_analysis_with_the_repaired_code(sums_task, tmp_path):
+    """RLAO trains on what the official pipeline splices: the analysis the meta-agent wrote on the state, followed by
+    the code that was evaluated, under that original state (not the repair's own short conversation)."""
     s = StubOpenAI(meta_replies=scripted_meta)
     stub_run(s, sums_task, tmp_path / "run", "--iterations", "1", "--samples", "1")
     s.shutdown()
     row = read_trajectory(tmp_path / "run")[0]
-    assert row["status"] == "ok" and row["debug"] and row["code"].strip() in row["action"]
-    assert BROKEN_WORKFLOW.strip() in row["first_action"]  # the original stays, for the report
-    assert row["messages"][-1]["content"].startswith("Your workflow failed")  # the repair's own conversation
+    assert row["status"] == "ok" and row["debug"] and row["code"] == GOOD_WORKFLOW
+    assert row["action"] == "Try this.\n\n```python\n" + GOOD_WORKFLOW.strip() + "\n```"
+    assert BROKEN_WORKFLOW.strip() in row["first_action"]  # the original reply stays, for the report
+    assert [m["role"] for m in row["messages"]] == ["system", "user"] and "# Archive" in row["messages"][1]["content"]
 
 
-def test_a_dry_run_failure_is_redrawn_without_any_executor_call(sums_task, tmp_path):
+def test_a_dry_run_failure_is_repaired_without_any_executor_call(sums_task, tmp_path):
     crash = "def solver(agent, task):\n    return agent.call_llm(task + ' never sent') / 0\n"
     drawn = iter([crash, crash] + [GOOD_WORKFLOW] * 10)
     srv = StubOpenAI(meta_replies=lambda body: block(next(drawn)))
     stub_run(srv, sums_task, tmp_path / "run", "--iterations", "1", "--samples", "1")
     srv.shutdown()
-    statuses = [r["status"] for r in read_trajectory(tmp_path / "run")]  # the redraw of 2m runs concurrently
-    assert statuses[0] == "broken" and sorted(statuses[1:]) == ["broken", "ok"]
+    rows = read_trajectory(tmp_path / "run")
+    assert [r["status"] for r in rows] == ["ok"] and len(rows[0]["debug"]) == 2  # two repair rounds, one sample
+    assert "TypeError" in rows[0]["debug"][0]["error"]
     assert not any("never sent" in json.dumps(b) for b in srv.log if not is_meta(b))
+
+
+def repair_requests(log):
+    return [b for b in log if is_meta(b) and "Your workflow failed" in b["messages"][-1]["content"]]
+
+
+def test_a_meta_agent_whose_replies_hold_no_code_but_whose_repairs_do_gets_every_turn_evaluated(sums_task, tmp_path):
+    """The 1.5B as meta-agent stopped after its analysis in 14 of its 24 rejected samples; an API meta-agent's reply
+    is not continued, so the repair (in its short context) is what turns such a reply into a workflow."""
+    fresh = fresh_workflows()
+    srv = StubOpenAI(meta_replies=lambda body: fresh(body) if "Your workflow failed" in body["messages"][-1]["content"]
+                     else "I would ask the executor to work carefully.")
+    stub_run(srv, sums_task, tmp_path / "run", "--iterations", "2", "--samples", "2")
+    srv.shutdown()
+    rows = read_trajectory(tmp_path / "run")
+    for it in (1, 2):
+        turn = [r for r in rows if r["iteration"] == it]
+        assert all(r["val_accuracy"] is not None and r["debug"] for r in turn) and len(turn) >= 2
+        assert all(r["action"].startswith("I would ask the executor to work carefully.") for r in turn)
+    repair = repair_requests(srv.log)[0]["messages"]
+    assert len(repair) == 2 and len(repair[1]["content"]) < 3000  # a short context, not the whole state
+    assert "I would ask the executor" in repair[1]["content"] and "no ```python block" in repair[1]["content"]
+
+
+def test_a_turn_of_rejected_samples_is_drawn_again_and_no_rejected_reply_reaches_a_later_state(sums_task, tmp_path):
+    """Turn 1 draws m copies whose repairs are copies too: nothing is evaluated, so m more are drawn (the second
+    batch works). Before that, a rejected sample became the assistant's turn and the next turn copied it 7 times."""
+    fresh, drawn = fresh_workflows(), collections_counter()
+
+    def meta(body):
+        first_turn = len(body["messages"]) == 2 and "# Archive" in body["messages"][1]["content"]
+        if first_turn and drawn() < 2:
+            return block(w4s.SEED_WORKFLOWS["cot"])
+        if "Your workflow failed" in body["messages"][-1]["content"] and "near-copy" in body["messages"][-1]["content"]:
+            return block(w4s.SEED_WORKFLOWS["cot"])
+        return fresh(body)
+    srv = StubOpenAI(meta_replies=meta)
+    stub_run(srv, sums_task, tmp_path / "run", "--iterations", "2", "--samples", "2", "--context-window", "2")
+    srv.shutdown()
+    rows = read_trajectory(tmp_path / "run")
+    first = [r for r in rows if r["iteration"] == 1]
+    assert [r["status"] for r in first[:2]] == ["near-copy", "near-copy"] and len(first) == 4
+    assert sum(r["status"] == "ok" for r in first) == 2
+    later_states = json.dumps([r["messages"] for r in rows if r["iteration"] == 2])
+    assert all(json.dumps(r["action"]) not in later_states for r in first if r["status"] != "ok")
+    assert json.dumps(next(r for r in first if r["chosen"])["action"]) in later_states
+
+
+def collections_counter():
+    """A thread-safe counter: each call returns 0, 1, 2, ..."""
+    counter, lock = iter(range(10**6)), threading.Lock()
+
+    def next_value():
+        with lock:
+            return next(counter)
+    return next_value
 
 
 def fresh_workflows(copy_every=0):
@@ -432,7 +510,7 @@ def fresh_workflows(copy_every=0):
     return meta
 
 
-def test_resampling_reaches_m_evaluated_candidates_when_every_other_sample_is_a_copy(sums_task, tmp_path):
+def test_a_turn_reaches_m_evaluated_candidates_when_every_other_sample_is_a_copy(sums_task, tmp_path):
     srv = StubOpenAI(meta_replies=fresh_workflows(copy_every=2))
     stub_run(srv, sums_task, tmp_path / "run", "--samples", "3")
     srv.shutdown()
@@ -440,16 +518,25 @@ def test_resampling_reaches_m_evaluated_candidates_when_every_other_sample_is_a_
     for it in (1, 2):
         turn = [r for r in rows if r["iteration"] == it]
         assert sum(r["val_accuracy"] is not None for r in turn) == 3 and len(turn) <= 9
-        assert any(r["status"] == "near-copy" for r in turn)
+    copies = [r for r in rows if r["status"] == "near-copy" or any("near-copy" in d["error"] for d in r["debug"])]
+    assert copies and all(r["val_accuracy"] is None or r["code"] != w4s.SEED_WORKFLOWS["cot"] for r in copies)
 
 
-def test_a_short_first_draw_is_followed_by_one_draw_of_the_other_2m_and_passes_past_m_are_spare(sums_task, tmp_path):
-    srv = StubOpenAI(meta_replies=fresh_workflows(copy_every=3))  # per turn: 1 of the first 2 and 1 of the next 4 copy
+def test_passes_past_m_in_a_later_draw_are_spare(sums_task, tmp_path):
+    """m = 2: the first draw's second sample has no workflow and its repairs have none either, so 2 more are drawn;
+    one of them is evaluated, the other is logged as spare."""
+    fresh, drawn = fresh_workflows(), collections_counter()
+
+    def meta(body):
+        if "Your workflow failed" in body["messages"][-1]["content"]:
+            return "Still no code."
+        return "No code here, just words." if drawn() == 1 else fresh(body)
+    srv = StubOpenAI(meta_replies=meta)
     stub_run(srv, sums_task, tmp_path / "run", "--samples", "2", "--iterations", "1")
     srv.shutdown()
-    turn = [r["status"] for r in read_trajectory(tmp_path / "run")]
-    assert len(turn) == 6 and Counter(s in ("ok", "discarded") for s in turn)[True] == 2
-    assert Counter(turn)["spare"] == 2 and Counter(turn)["near-copy"] == 2
+    rows = read_trajectory(tmp_path / "run")
+    assert [r["status"] for r in rows][1] == "unextractable" and len(rows[1]["debug"]) == w4s.REPAIR_ROUNDS
+    assert Counter(r["status"] for r in rows)["spare"] == 1 and len(rows) == 4
 
 
 def test_meta_prompt_shows_the_extracted_answer_after_long_reasoning(sums_task, tmp_path):
@@ -1828,13 +1915,12 @@ def test_hostile_meta_agent_output_fails_one_action_each_and_the_run_goes_on(sum
     assert sorted(r["first_action"] for r in hostile) == sorted(HOSTILE) and time.time() - t < 60
     for r in rows:
         first_error = r["debug"][0]["error"] if r["debug"] else r["reason"]
-        assert r["status"] in ("unextractable", "broken", "error", "discarded") and r["reward"] <= 0, r
+        assert r["status"] in ("unextractable", "broken", "error", "discarded") and r["reward"] is None, r
         if r in hostile:
             assert HOSTILE[r["first_action"]] in first_error, (r["first_action"], first_error)
         assert len(json.dumps(r)) < 100_000  # the 100 MB print never reaches the trajectory
-    for r in hostile:
-        if r["status"] == "error":  # it reached the self-check: the meta-agent was told what went wrong
-            assert any(HOSTILE[r["first_action"]] in f for f in feedback), r["first_action"]
+    for r in hostile:  # each that failed was repaired: the meta-agent was told what went wrong
+        assert r["status"] == "discarded" or any(HOSTILE[r["first_action"]] in f for f in feedback), r["first_action"]
     assert json.load(open(tmp_path / "run" / "report.json"))["status"] == "finished"
 
 
@@ -2016,10 +2102,11 @@ def test_rwr_weights_and_pg_advantages():
 
 
 def mixed_trajectory(tmp_path):
-    """One turn: a working workflow below 0.3 (reward -0.1), a near-copy and a broken reply (reward 0, never
-    evaluated)."""
+    """One turn: a working workflow below 0.3 (reward -0.1), a near-copy and a broken reply (no reward, never
+    evaluated), and a workflow discarded at 0.00 (evaluated, no reward)."""
     rows = [dict(status="ok", val_accuracy=0.2, reward=-0.1, action=HIGH), dict(status="near-copy", val_accuracy=None,
-            reward=0.0, action=LOW), dict(status="error", val_accuracy=None, reward=0.0, action=LOW + " again")]
+            reward=None, action=LOW), dict(status="error", val_accuracy=None, reward=None, action=LOW + " again"),
+            dict(status="discarded", val_accuracy=0.0, reward=None, action=LOW + " at zero")]
     path = tmp_path / "trajectory.jsonl"
     path.write_text("".join(json.dumps(dict(r, run="r", iteration=1, sample=i, messages=[
         {"role": "user", "content": "state"}])) + "\n" for i, r in enumerate(rows)))
@@ -2032,7 +2119,17 @@ def test_rwr_trains_on_evaluated_actions_only(tmp_path):
 
 def test_pg_can_give_unevaluated_actions_a_negative_reward(tmp_path):
     exs = rlao.load_examples([mixed_trajectory(tmp_path)], invalid_reward=-0.5)
-    assert [e["reward"] for e in exs] == [-0.1, -0.5, -0.5]
+    assert [e["reward"] for e in exs] == [-0.1, -0.5, -0.5, -0.5]
+
+
+def test_a_workflow_discarded_at_zero_accuracy_is_not_in_rwr_data_even_from_an_older_run(tmp_path):
+    """The official pipeline drops candidates at or below 0.05: with the best at 0, the discrete reward would give a
+    0.04 workflow 0.9. Runs of format 2 logged such a row with a reward; it is still left out."""
+    old = dict(status="discarded", val_accuracy=0.04, reward=0.9, action=LOW, run="r", iteration=1, sample=0,
+               messages=[{"role": "user", "content": "state"}])
+    path = tmp_path / "trajectory.jsonl"
+    path.write_text(json.dumps(old) + "\n")
+    assert rlao.load_examples([str(path)]) == []
 
 
 def test_invalid_reward_with_rwr_is_refused(tmp_path):

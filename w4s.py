@@ -313,15 +313,15 @@ def solver(agent, task):
     if result.startswith("Error") or not result.strip():
         return agent.call_llm(task + "\\nThink step by step. End with \\\\boxed{ANSWER}.")
     return "\\\\boxed{" + result + "}\""""
-# A skeleton, not a description: measured on one logged state, 10 samples of the 0.5B each, it took the replies that
-# pass the free pre-screen from 0 to 2 (analysis-only replies from 6 to 4). Again on 4 logged MATH states x 12
-# samples (2026-11-27): this skeleton 8 / 48 pass, a description only 7 / 48, a skeleton with a comment and `...` for
-# a body 0 / 48 (29 replies stopped after the analysis). The 0.5B copies the skeleton's shape; no variant fixed that.
-PLACEHOLDER = "(your new workflow"  # a workflow that still holds this pasted the skeleton: the pre-screen rejects it
-OUTPUT_FORMAT = ("Reply in this shape and stop after the block:\nAnalysis: (at most 5 sentences: what the failing cases "
-                 f"have in common, and what you change)\n```python\ndef solver(agent, task):\n    {PLACEHOLDER}: "
-                 "calls to agent.call_llm and agent.execute_code)\n    return answer\n```")
-NEXT_TURN = "Write an improved workflow, in the same shape: Analysis, then one ```python block defining solver."
+# No skeleton or placeholder to paste: 20 of 27 replies of the untrained 0.5B began with the old format's own words
+# and 4 put its placeholder inside solver. The code's opening is given where it helps: a local meta-agent's reply is
+# continued from CODE_OPENING when it stopped after its analysis (complete_code), and a repair starts there.
+OUTPUT_FORMAT = ("First explain, in at most 5 sentences, what the failing cases have in common and what you will "
+                 "change. Then write the complete new workflow in one ```python block that defines solver(agent, "
+                 "task), and stop after the block.")
+NEXT_TURN = ("Now improve on it: explain what these cases show, then write the complete new workflow in one ```python "
+             "block.")
+CODE_OPENING = "```python\ndef solver(agent, task):\n"
 
 # How much the state says, from most to least; fit_state() takes the first level that fits the meta-agent's
 # context. In this order: fewer cases and shorter texts, then fewer earlier turns, then (for a 2k-token context)
@@ -590,8 +590,6 @@ def prescreen(reply, archive, example, timeout):
     copied = near_copy(code, archive)
     if copied:
         return code, "near-copy", f"near-copy of {copied}"
-    if PLACEHOLDER in code:
-        return code, "broken", "the workflow still holds the output format's placeholder text; write real code"
     answers, sent = [], []
     with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
         for world in DRY_WORLDS:
@@ -615,7 +613,8 @@ def prescreen(reply, archive, example, timeout):
 # 6. Transition: self-check and self-debug, evaluation. Observation: accuracy with a CI, the trend, the cases.
 
 MAX_CALLS = 50  # executor calls one sample of a workflow may make
-DEBUG_ROUNDS = 3  # self-debug repairs per candidate (paper)
+REPAIR_ROUNDS = 3  # repairs of one sample: a pre-screen failure or a self-check error (paper)
+EVALUATED = ("ok", "discarded", "error")  # statuses of a sample that reached the validation split
 
 
 @dataclasses.dataclass
@@ -689,42 +688,51 @@ def feedback_cases(ev, seed, k=10):
                  correct=c["score"] >= 1, error=c["error"]) for c in (bad + good)[:k]]
 
 
-def transition(cand, archive, meta, executor, run):
+def transition(cand, known, meta, executor, run):
     """From a pre-screened action to an evaluated candidate. The paper's self-check is the first validation sample,
-    run together with the rest of the split: a workflow that passed the dry run nearly always passes it (6 of 6
-    in runs default-2..5), and checking it alone first cost one serial chain of executor calls per candidate. On an
-    error there, self-debug: show the meta-agent the traceback (the workflow's own line numbers), let it repair,
-    evaluate again, at most DEBUG_ROUNDS times. A candidate at accuracy <= 0.05 is discarded (paper)."""
-    for attempt in range(DEBUG_ROUNDS + 1):
+    run together with the rest of the split (a workflow that passed the dry runs nearly always passes it, and checking
+    it alone first cost one serial chain of executor calls per candidate). On an error there, self-debug: a repair
+    (repair()) shown the traceback with the workflow's own line numbers, then evaluate again, at most REPAIR_ROUNDS
+    times. A candidate at accuracy <= 0.05 is discarded (paper): no reward, and not trained on."""
+    for attempt in range(REPAIR_ROUNDS + 1):
         ev = evaluate(cand["code"], run.val, executor, run, desc=f"candidate {cand['sample']}")
         error = ev.cases[0]["error"]
         if error is None:
             status = "ok" if ev.accuracy > 0.05 else "discarded"
             return dict(cand, status=status, ev=ev, reason="" if status == "ok" else
                         f"validation accuracy {ev.accuracy:.2f}")
-        cand["debug"].append(dict(code=cand["code"], error=error))
-        failure = error if attempt == DEBUG_ROUNDS else repair(cand, error, archive, meta, run)
-        if failure:
-            return dict(cand, status="error", reason=clip(failure, 1500))
+        if attempt == REPAIR_ROUNDS or not repair(cand, f"Your workflow failed on a validation case:\n{error}",
+                                                  known, meta, run):
+            return dict(cand, status="error", reason=clip(error, 1500))
 
 
-def repair(cand, error, archive, meta, run):
-    """One self-debug round: the meta-agent sees its workflow's error and replies with a corrected one, which must
-    pass the same free pre-screen. On success the candidate's code, action and messages become the repair's (RLAO
-    trains on the reply that produced the evaluated code); returns None, else why the repair failed."""
-    fix = cand["messages"] + [{"role": "assistant", "content": cand["action"]},
-                              {"role": "user", "content": f"Your workflow failed:\n{error}\n\nFix it. Reply with the "
-                               "whole corrected workflow in one ```python block that defines solver(agent, task)."}]
-    budget = run.meta_context - estimate_tokens(fix)
-    if budget < MIN_REPLY:
-        return error + "\n(no room left in the meta-agent's context for a repair)"
-    reply = meta.chat(fix, temperature=0.7, max_tokens=min(budget, run.args.meta_max_tokens), sample=cand["sample"],
-                      stop=META_STOP)
-    code, status, reason = prescreen(reply, archive, run.val[0], run.args.timeout)
+def repair_messages(task, cand, failure, meta):
+    """A repair's short context (the authors' loop): the interface, the task, the failing reply's workflow (or the
+    reply itself, with no workflow in it) and what failed. A local meta-agent's repair starts inside the code block."""
+    shown = f"```python\n{cand['code'].strip()}\n```" if cand["code"] else clip(cand["action"], 3000)
+    ask = (f"# Interface the workflow may use\n{INTERFACE_DOC}\n\n# Task\n{task.DESCRIPTION}\n\n# Your reply\n"
+           f"{shown}\n\n{failure}\n\nFix it. Reply with only the whole corrected workflow: one ```python block that "
+           "defines solver(agent, task). Do not use try/except.")
+    messages = [{"role": "system", "content": META_SYSTEM}, {"role": "user", "content": ask}]
+    return messages + ([{"role": "assistant", "content": "```python\n"}] if meta.can_continue else [])
+
+
+def repair(cand, failure, known, meta, run):
+    """One repair round of a candidate: the meta-agent's fix must pass the same free pre-screen as any sample. On
+    success the candidate takes the fixed code, and its action becomes its own analysis followed by that code, under
+    its original state (what RLAO trains on, as the official pipeline splices it). Returns whether it passed."""
+    messages = repair_messages(run.task, cand, failure, meta)
+    reply = meta.chat(messages, temperature=0.7, max_tokens=run.args.meta_max_tokens,
+                      sample=cand["seed"] + 10000 * len(cand["debug"]), stop=META_STOP)  # a new draw each round
+    reply = messages[-1]["content"] + reply if messages[-1]["role"] == "assistant" else reply
+    code, status, reason = prescreen(reply, known, run.val[0], run.args.timeout)
+    cand["debug"].append(dict(code=cand["code"], error=failure, reply=reply))
     if status:
-        return f"the repair was {status}: {reason}"
-    cand.update(code=code, action=reply, messages=fix)
-    return None
+        cand.update(code=code or cand["code"], status=status, reason=reason)
+        return False
+    analysis = cand["first_action"].split("```")[0].strip()
+    cand.update(code=code, status=None, reason="", action=f"{analysis}\n\n```python\n{code.strip()}\n```")
+    return True
 
 
 META_STOP = ["\n```\n"]  # a small meta-agent rambles on after its block; stopping there saves most of a CPU turn
@@ -787,59 +795,98 @@ def new_episode(seed_archive, latest):
                 best=max(w["val_accuracy"] for w in archive), prev=(latest or seed_archive[0])["val_accuracy"])
 
 
-def draw_candidates(meta, episode, run, it):
-    """Sample the meta-agent until m actions pass the free pre-screen or 3m were drawn (new sample indices each
-    time): m at first, then, if fewer passed, all the other 2m at once (a local model decodes them in one batch, in
-    about the time of one; an API pays for up to 2m - 1 samples more). A pass beyond the m-th is logged as "spare",
-    not evaluated. A copy of a workflow the episode has seen, or of an earlier sample of this turn, does not count.
-    Returns every sample, each with its messages, action, code and pre-screen status (None: passed)."""
-    m, drawn, passed = run.args.samples, [], 0
-    while passed < m and len(drawn) < 3 * m:
-        batch = range(len(drawn), 3 * m if drawn else m)
-        with phase(run, "meta_agent_generation"):
-            replies = list(run.meta_pool.map(lambda j: ask_meta(meta, episode, run, 100 * it + j), batch))
-        for j, (messages, reply) in zip(batch, replies):
-            known = episode["known"] + [dict(name=f"sample {c['sample']} of this turn", code=c["code"]) for c in drawn
-                                        if c["status"] in (None, "spare")]
-            code, status, reason = prescreen(reply, known, run.val[0], run.args.timeout)
-            if status is None and passed == m:
-                status, reason = "spare", f"passed the pre-screen after {m} others had: not evaluated"
-            drawn.append(dict(sample=j, messages=messages, action=reply, first_action=reply, code=code,
-                              status=status, reason=reason, debug=[]))
-            passed += status is None
-    return drawn
-
-
 def play_turn(episode, meta, executor, run, it):
-    """One step of the MDP: draw actions, take the transition of those that passed the pre-screen, reward each
-    evaluated one against the episode's best and the previous turn. Returns (every sample, the chosen one or None)."""
-    cands = draw_candidates(meta, episode, run, it)
-    ready = [c for c in cands if c["status"] is None]
-    with phase(run, "candidate_check_and_evaluation"):
-        done = list(run.meta_pool.map(lambda c: transition(c, episode["known"], meta, executor, run), ready))
-    for c, result in zip(ready, done):
-        c.update(result)
+    """One step of the MDP. Draw m actions; complete, pre-screen and repair them; take the transition of those that
+    passed (up to m evaluated in the turn, a pass past that is logged as "spare"); draw m more while fewer than m
+    passed or none was kept, up to 3m drawn. Reward each kept candidate against the episode's best and the previous
+    turn. Returns (every sample, the chosen one or None)."""
+    m, cands = run.args.samples, []
+    while len(cands) < 3 * m and not (sum(c["status"] in EVALUATED for c in cands) >= m and chosen_from(cands)):
+        new = draw_samples(meta, episode, run, it, first=len(cands), count=min(m, 3 * m - len(cands)))
+        complete_code(meta, new, run)
+        screen_and_repair(new, cands, episode["known"], meta, run)
+        evaluated = sum(c["status"] in EVALUATED for c in cands)
+        room = m - evaluated if evaluated < m else m  # (m evaluated but none kept: m more)
+        ready = [c for c in new if c["status"] is None]
+        for c in ready[room:]:
+            c.update(status="spare", reason=f"passed the pre-screen after {m} others had: not evaluated")
+        with phase(run, "candidate_check_and_evaluation"):
+            done = list(run.meta_pool.map(lambda c: transition(c, episode["known"], meta, executor, run),
+                                          ready[:room]))
+        for c, result in zip(ready, done):
+            c.update(result)
+        cands += new
     for c in cands:
         c["acc"] = c["ev"].accuracy if "ev" in c else None
         c["cases"] = feedback_cases(c["ev"], run.args.seed) if "ev" in c else []
-        evaluated = c["acc"] is not None
-        c["reward"] = reward(c["acc"], episode["best"], episode["prev"], run.args.reward) if evaluated else 0.0
-    ok = [c for c in cands if c["status"] == "ok"]
-    return cands, max(ok, key=lambda c: c["acc"]) if ok else None
+        c["reward"] = reward(c["acc"], episode["best"], episode["prev"], run.args.reward) if c["status"] == "ok" else None
+    return cands, chosen_from(cands)
 
 
-def continue_episode(episode, cands, chosen, name, seed):
-    """The conversation goes on with the chosen action and its feedback; with none, with the best discarded one,
-    else with why the first extractable sample was not evaluated (the meta-agent learns what to avoid). The chosen
-    workflow joins the archive; returns its archive entry, or None."""
-    evaluated = [c for c in cands if c["acc"] is not None]
-    shown = chosen or max(evaluated, key=lambda c: c["acc"], default=None) or next(
-        (c for c in cands if c["code"]), cands[0])
-    ev = shown.get("ev")
-    episode["turns"].append(dict(action=shown["action"], acc=ev.accuracy if ev else None, reason=shown["reason"],
-                                 ci=ev.ci if ev else None, prev=episode["prev"], cases=shown["cases"]))
+def chosen_from(cands):
+    """Best-of-m: the kept candidate with the highest validation accuracy, or None."""
+    return max((c for c in cands if c["status"] == "ok"), key=lambda c: c["ev"].accuracy, default=None)
+
+
+def draw_samples(meta, episode, run, it, first, count):
+    """`count` fresh meta-agent samples on the fitted state, sample indices first, first + 1, ... of turn `it` (a
+    local model decodes them in one batch)."""
+    indices = range(first, first + count)
+    with phase(run, "meta_agent_generation"):
+        replies = list(run.meta_pool.map(lambda j: ask_meta(meta, episode, run, 100 * it + j), indices))
+    return [dict(sample=j, seed=100 * it + j, messages=messages, action=reply, first_action=reply, prefilled="",
+                 code=None, status=None, reason="", debug=[]) for j, (messages, reply) in zip(indices, replies)]
+
+
+def complete_code(meta, cands, run):
+    """On a meta-agent that can continue its own message (a local one), a reply that ended without a python block
+    goes on from its analysis into CODE_OPENING: the 1.5B stopped after its analysis in 14 of its 24 rejected
+    samples. The action becomes the analysis, the prefilled opening and what the model wrote after it."""
+    todo = [c for c in cands if meta.can_continue and not benchmarks.code_blocks(c["action"])]
+
+    def go(c):
+        opened = c["action"].rstrip() + "\n\n" + CODE_OPENING
+        more = meta.chat(c["messages"] + [{"role": "assistant", "content": opened}], temperature=0.7,
+                         max_tokens=run.args.meta_max_tokens, sample=c["seed"], stop=META_STOP)
+        c.update(action=opened + more, prefilled=CODE_OPENING)
+    with phase(run, "meta_agent_generation"):
+        list(run.meta_pool.map(go, todo))
+
+
+def screen_and_repair(new, earlier, known, meta, run):
+    """Pre-screen each new sample against the episode's workflows and this turn's earlier passes (a copy of either
+    teaches nothing), then repair the failures, all of them at once (a local model decodes them in one batch), at
+    most REPAIR_ROUNDS times; each repair is pre-screened again. Sets each sample's code, status and reason."""
+    def others():  # (a sample not screened yet has no code)
+        return known + [dict(name=f"sample {c['sample']} of this turn", code=c["code"]) for c in earlier + new
+                        if c["code"] and c["status"] in (None, "spare", *EVALUATED)]
+    for c in new:
+        c["code"], c["status"], c["reason"] = prescreen(c["action"], others(), run.val[0], run.args.timeout)
+    for _ in range(REPAIR_ROUNDS):
+        failed = [c for c in new if c["status"]]
+        if not failed:
+            break
+        with phase(run, "meta_agent_generation"):
+            list(run.meta_pool.map(lambda c: repair(c, f"Your workflow failed the check before evaluation: "
+                                                       f"{repair_hint(c)}", others(), meta, run), failed))
+
+
+def repair_hint(cand):
+    if cand["status"] == "near-copy":
+        return (f"it is a {cand['reason']}, which is already scored: evaluating it again teaches nothing. Change what "
+                "the workflow does (a check of the answer, a vote over samples, a program run with "
+                "agent.execute_code, a plan first).")
+    return cand["reason"]
+
+
+def continue_episode(episode, chosen, name, seed):
+    """The conversation goes on with the chosen action and its feedback, and the chosen workflow joins the archive;
+    returns its archive entry. With none chosen the conversation stays as it was: a rejected or discarded reply
+    shown as the meta-agent's own turn was copied by it (7 of 9 samples of the next turn)."""
     if not chosen:
         return None
+    episode["turns"].append(dict(action=chosen["action"], acc=chosen["acc"], reason="", ci=chosen["ev"].ci,
+                                 prev=episode["prev"], cases=chosen["cases"]))
     entry = archive_entry(name, chosen["code"], chosen["ev"], seed)
     episode.update(prev=chosen["acc"], parent=entry)
     episode["known"].append(entry)
@@ -858,7 +905,7 @@ def optimize(run, executor, meta, log):
             episode = new_episode(seed_archive, latest)
         parent = episode["parent"]["name"]
         cands, chosen = play_turn(episode, meta, executor, run, it)
-        latest = continue_episode(episode, cands, chosen, f"iteration{it}", run.args.seed) or latest
+        latest = continue_episode(episode, chosen, f"iteration{it}", run.args.seed) or latest
         if chosen and chosen["acc"] > best["val_accuracy"]:
             best = latest
         yield dict(iteration=it, episode=n_episode, turn=turn + 1, parent=parent, candidates=cands, chosen=chosen,
@@ -914,7 +961,8 @@ def trajectory_rows(run, record):
     for c in record["candidates"]:
         yield dict(run=os.path.basename(os.path.normpath(run.out)), task=run.args.task, episode=record["episode"],
                    turn=record["turn"], iteration=record["iteration"], sample=c["sample"], parent=record["parent"],
-                   messages=c["messages"], action=c["action"], first_action=c["first_action"], code=c["code"],
+                   messages=c["messages"], action=c["action"], first_action=c["first_action"],
+                   prefilled=c["prefilled"], code=c["code"],
                    status=c["status"], reason=c["reason"], val_accuracy=c["acc"], reward=c["reward"],
                    chosen=c is record["chosen"], cases=c["cases"], debug=c["debug"])
 
@@ -923,8 +971,20 @@ def history_entry(record):
     cands, chosen = record["candidates"], record["chosen"]
     return dict(iteration=record["iteration"], accuracies=[c["acc"] for c in cands],
                 chosen=chosen["acc"] if chosen else None, best=record["best"]["val_accuracy"], drawn=len(cands),
-                evaluated=sum(c["acc"] is not None for c in cands),
+                evaluated=sum(c["acc"] is not None for c in cands), prefilled=sum(bool(c["prefilled"]) for c in cands),
+                repaired=sum(bool(c["debug"]) and c["acc"] is not None for c in cands),
+                pasted=sum(pastes_the_format(c["first_action"]) for c in cands),
                 rejected=dict(collections.Counter(c["status"] for c in cands if c["status"] not in ("ok", "discarded"))))
+
+
+FORMAT_WORDS = {tuple(words[i:i + 6]) for text in (OUTPUT_FORMAT, NEXT_TURN) for words in [text.split()]
+                for i in range(len(words) - 5)}
+
+
+def pastes_the_format(reply):
+    """Whether a reply holds six words in a row of the output format's instructions: a small model pastes them."""
+    words = reply.split()
+    return any(tuple(words[i:i + 6]) in FORMAT_WORDS for i in range(len(words) - 5))
 
 
 def turn_summary(record, iterations, eta):
@@ -932,14 +992,15 @@ def turn_summary(record, iterations, eta):
     summary = ", ".join(c["status"] + (f" {c['acc']:.2f}" if c["acc"] is not None else "") for c in cands)
     return (f"iteration {record['iteration']}/{iterations} (episode {record['episode']}, turn {record['turn']}): "
             f"{len(cands)} drawn [{summary}] -> "
-            + (f"chose {chosen['acc']:.2f} (reward {chosen['reward']:+.1f})" if chosen else "nothing valid")
+            + (f"chose {chosen['acc']:.2f} (reward {chosen['reward']:+.1f})" if chosen else
+               "nothing kept: the conversation goes on from its last kept turn")
             + f"; best {best['val_accuracy']:.2f} ({best['name']}); ETA {eta / 60:.1f} min")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
-VERSION = 2  # bump when the trajectory/report format changes: --resume refuses a run of another version
+VERSION = 3  # bump when the trajectory/report format changes: --resume refuses a run of another version
 
 
 @dataclasses.dataclass
