@@ -176,13 +176,12 @@ def test_an_analysis_only_reply_of_the_tiny_local_model_is_continued_from_the_co
     run = types.SimpleNamespace(args=types.SimpleNamespace(meta_max_tokens=24), meta_pool=ThreadPoolExecutor(2),
                                 phases={})
     state = [{"role": "system", "content": w4s.META_SYSTEM}, {"role": "user", "content": "Write a workflow."}]
-    cands = [dict(seed=s, messages=state, action="I will ask for a careful answer.", prefilled="") for s in (0, 1)]
-    cands.append(dict(seed=2, messages=state, action="Here.\n```python\ndef solver(agent, task):\n    return 1\n```",
-                      prefilled=""))
+    replies = ["I will ask for a careful answer."] * 2 + ["Here.\n```python\ndef solver(agent, task):\n    return 1\n```"]
+    cands = [w4s.Candidate(sample=s, seed=s, messages=state, action=r, first_action=r) for s, r in enumerate(replies)]
     w4s.complete_code(meta, cands, run)
     opened = "I will ask for a careful answer.\n\n" + w4s.CODE_OPENING
-    assert all(c["action"].startswith(opened) and len(c["action"]) > len(opened) for c in cands[:2])
-    assert [c["prefilled"] for c in cands] == [w4s.CODE_OPENING, w4s.CODE_OPENING, ""]  # a reply with code is kept
+    assert all(c.action.startswith(opened) and len(c.action) > len(opened) for c in cands[:2])
+    assert [c.prefilled for c in cands] == [w4s.CODE_OPENING, w4s.CODE_OPENING, ""]  # a reply with code is kept
 
 
 def test_continuous_reward_is_relative_gain_over_best():

@@ -1,24 +1,29 @@
 """W4S (Weak-for-Strong): a weak meta-agent writes Python workflows that drive a strong executor LLM.
 
-One file, read top-down, in the order of the paper's MDP (arXiv 2504.04785, Sec. 3):
-  1. LLM backends       (llm.py) every call, meta-agent's and executor's, goes through `LLM.chat`: disk cache,
-                        token/$ ledger, retries, budget; local models batch concurrent requests.
-  2. Workflow interface `agent.call_llm` / `agent.execute_code` inside the sandbox, proxied to this process over RPC.
-  3. Seed workflows     CoT, CoT self-consistency, program-of-thought, self-refine.
-  4. State s_t          a conversation: the initial state (interface, principles with a technique catalogue, task,
-                        archive of workflows with scores and validation cases, output format), then each earlier
-                        turn's chosen action and the feedback on it (accuracy, CI, trend, cases with the answer the
-                        scorer compared); shortened to fit the meta-agent's context.
-  5. Action a_t         the meta-agent's reply; we extract the ```python block that defines `solver`. The free
-                        pre-screen (extractable, not a near-copy, two dry runs against canned executors that answer
-                        differently: it must call the executor and answer differently) redraws failures.
-  6. Transition         sandboxed evaluation on the fixed validation split, whose first sample is the self-check
-                        (on its error: self-debug, <= 3 repairs, evaluate again), discard at accuracy <= 0.05.
-  7. Reward             discrete (paper) or continuous, in `reward()`; "best" is fixed at the episode's start.
-  8. The loop           m evaluated candidates per turn, best-of-m continues the conversation; every
-                        `context_window` turns a new episode starts from the seeds + the latest generated workflow
-                        (official main.py); at the end the best workflow and the best seed are scored once on the
-                        held-out test split.
+The paper's MDP (arXiv 2504.04785, Sec. 3), top-down in this file:
+  1. The loop           `optimize`: the seed workflows are evaluated first (`evaluate_seeds`); each turn (`play_turn`)
+                        draws m actions (`draw_samples`), completes and repairs them (`complete_code`,
+                        `screen_and_repair`), evaluates those that pass (`transition`) and rewards them; best-of-m
+                        continues the conversation (`continue_episode`); every `context_window` turns a new episode
+                        starts from the seeds + the latest generated workflow (`new_episode`, official main.py); at
+                        the end the best workflow and the best seed meet the held-out test split once.
+  2. State s_t          `build_state`: a conversation: the initial state (interface, principles with a technique
+                        catalogue, task, archive of workflows with scores and validation cases, output format), then
+                        each earlier turn's chosen action and the feedback on it (accuracy, CI, trend, cases with the
+                        answer the scorer compared); shortened to fit the meta-agent's context (`fit_state`).
+  3. Action a_t         the meta-agent's reply; `extract_workflow` takes the ```python block that defines `solver`. A
+                        local meta-agent's reply that stopped after its analysis is continued from the code's opening.
+                        `prescreen`, free: extractable, not a near-copy, two dry runs against canned executors that
+                        answer differently (it must call the executor and answer differently); a failure gets up to 3
+                        repairs in a short context (`repair`, the authors' loop), each pre-screened again.
+  4. Transition         `transition`: sandboxed evaluation on the fixed validation split, whose first sample is the
+                        self-check (on its error: a repair, evaluate again, <= 3 times); discarded at accuracy <= 0.05.
+  5. Reward             `reward`: discrete (paper) or continuous; "best" is fixed at the episode's start.
+  6. Workflow interface `agent.call_llm` / `agent.execute_code` inside the sandbox, proxied to `agent_rpc` here.
+  7. Seed workflows     CoT, CoT self-consistency, program-of-thought, self-refine.
+  8. Near-copy check    `near_copy`: the pre-screen's plumbing.
+  9. Run records        trajectory rows, report.json, the log line of a turn.
+Every model call, the meta-agent's and the executor's, goes through `llm.LLM.chat` (disk cache, ledger, budget).
 Outputs in --out: trajectory.jsonl (RLAO's training data), best_workflow.py, report.json, curve.png and
 report.html (written by report.py).
 
@@ -51,10 +56,10 @@ import sandbox
 from llm import (LLM, PRICES, APIFailure, BudgetExhausted, Cache, ContextExceeded, Ledger, UserError,
                  is_local_spec)
 
-# ----------------------------------------------------------------------------------------------------------------
-# Config: one argparse block. Embedded-model defaults are smaller so `python w4s.py --task math` ends in ~30 min
-# on a 2-core CPU; an API executor gets the paper's defaults (m=5, 30 iterations).
 
+# --------------------------------------------------------------------------------------------------------------------
+# Config: one argparse block. Embedded-model defaults are smaller so `python w4s.py --task math` ends in ~20 min
+# on a 2-core CPU; an API executor gets the paper's defaults (m=5, 30 iterations).
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # defaults that depend on the backend are spelled out in the help itself
@@ -130,158 +135,219 @@ def apply_defaults(args):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Workflow interface: what a workflow sees inside the sandbox. `rpc` is provided by sandbox.py and reaches
-#    `agent_rpc` below, in this process, which owns the models, the cache and the budget.
+# --------------------------------------------------------------------------------------------------------------------
+# 1. The loop (the paper's Algorithm): seeds, then turns of m evaluated candidates; best-of-m continues the
+#    conversation; every `context_window` turns a new episode starts; the test split is scored once at the end.
 
-AGENT_PRELUDE = '''
-class Agent:
-    def call_llm(self, prompt_or_messages, temperature=0.0, n=1, json_keys=None, max_tokens=None):
-        return rpc("call_llm", {"messages": prompt_or_messages, "temperature": temperature, "n": n,
-                                "json_keys": json_keys, "max_tokens": max_tokens})
-
-    def execute_code(self, code, timeout=10):
-        return rpc("execute_code", {"code": code, "timeout": timeout})
-
-def __w4s_main__(task):
-    return solver(Agent(), task)
-'''
-INTERFACE_DOC = """agent.call_llm(prompt_or_messages, temperature=0.0, n=1, json_keys=None) -> str
-    Ask the executor LLM. prompt_or_messages: a string or a list of {"role", "content"} dicts.
-    n > 1 returns a list of n samples (use temperature > 0 for diversity).
-    json_keys=["reasoning", "answer"] returns a dict with exactly those keys.
-agent.execute_code(code, timeout=10) -> str
-    Run Python code that defines solution() (or prints its answer) in a sandbox; returns the result as a string,
-    or a string starting with "Error:"."""
-
-def snippet_harness(src):
-    """execute_code, inside the sandbox (this function's source is what runs there, in a fresh fork of one warm
-    sandbox per process): solution()'s value wins, else the last printed line (the 1.5B executor rarely defines
-    solution() as asked); sympy results become LaTeX for MATH."""
-    import contextlib, io, linecache, traceback
-    out, env = io.StringIO(), {"__name__": "__main__"}
-    linecache.cache["snippet.py"] = (len(src), None, src.splitlines(True), "snippet.py")  # traceback shows its lines
-    try:
-        with contextlib.redirect_stdout(out):
-            exec(compile(src, "snippet.py", "exec"), env)
-            value = env["solution"]() if callable(env.get("solution")) else None
-    except Exception as e:
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == "snippet.py"]
-        return "Error: " + "".join(traceback.format_list(frames)) + f"{type(e).__name__}: {e}"
-    if value is None:
-        lines = [line.strip() for line in out.getvalue().splitlines() if line.strip()]
-        return lines[-1] if lines else ""
-    if type(value).__module__.startswith("sympy"):
-        import sympy
-        return sympy.latex(value)
-    return str(value)
-
-
-SNIPPET_HARNESS = inspect.getsource(snippet_harness)  # read once, not on every execute_code call
-
-
-def run_snippet(code, timeout):
-    harness = sandbox.shared(SNIPPET_HARNESS, filename="harness.py", preimport=("sympy",))
-    out = harness.run("snippet_harness", code, timeout=timeout)
-    return str(out.value) if out.ok else f"Error: {out.error}"
-
-
-def agent_rpc(executor, max_tokens):
-    """The parent-side handler of one sample's `agent` calls. Identical requests within a sample get increasing sample
-    indices, so a workflow that loops over call_llm(temperature=0.7) gets distinct (and cached) samples."""
-    seen = collections.Counter()
-    lock = threading.Lock()
-
-    def one_call(messages, temperature, budget):
-        with lock:
-            k = json.dumps([messages, temperature])
-            sample, seen[k] = seen[k], seen[k] + 1
-        return executor.chat(messages, temperature, budget, sample=sample)
-
-    def rpc(method, params):
-        if method == "execute_code":
-            return run_snippet(str(params.get("code", "")), timeout=min(float(params.get("timeout") or 10), 60))
-        if method != "call_llm":
-            raise ValueError(f"unknown agent method {method!r}")
-        messages = as_messages(params.get("messages"))
-        temperature = min(max(float(params.get("temperature") or 0.0), 0.0), 2.0)
-        n = min(max(int(params.get("n") or 1), 1), 10)
-        budget = min(int(params.get("max_tokens") or max_tokens), max_tokens)
-        keys = params.get("json_keys")
-        if keys:
-            messages = messages[:-1] + [dict(messages[-1], content=messages[-1]["content"] + "\n\nReply with only a "
-                                             f"JSON object with the keys {json.dumps(list(keys))}.")]
-        with cf.ThreadPoolExecutor(n) as pool:  # n samples at once: a local executor batches them
-            texts = list(pool.map(lambda _: one_call(messages, temperature, budget), range(n)))
-        outs = [parse_json_reply(t, keys) for t in texts] if keys else texts
-        return outs[0] if n == 1 else outs
-
-    return rpc
-
-
-def as_messages(x):
-    if isinstance(x, str):
-        return [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": x}]
-    if isinstance(x, list) and x and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in x):
-        msgs = [{"role": str(m.get("role", "user")), "content": m["content"]} for m in x]
-        if msgs[0]["role"] != "system":  # chat templates inject their own default system prompt otherwise
-            msgs.insert(0, {"role": "system", "content": "You are a helpful assistant."})
-        return msgs
-    raise ValueError("call_llm expects a prompt string or a non-empty list of {'role', 'content'} dicts")
-
-
-def parse_json_reply(text, keys):
-    """Best effort: the first {...} object in the reply; missing keys become ''. Small models wrap JSON in prose."""
-    m = re.search(r"\{.*\}", text, re.S)
-    try:
-        obj = json.loads(m.group(0)) if m else {}
-    except json.JSONDecodeError:
-        obj = {}
-    obj = obj if isinstance(obj, dict) else {}
-    return {k: obj.get(k, "") if k in obj else (text if k == keys[-1] else "") for k in keys}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Seed workflows (evaluated first; the archive starts with them)
-
-SEED_WORKFLOWS = {
-    "cot": '''def solver(agent, task):
-    prompt = task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}."
-    return agent.call_llm(prompt)
-''',
-    "cot_sc": '''from collections import Counter
-
-def solver(agent, task):
-    prompt = task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}."
-    replies = agent.call_llm(prompt, temperature=0.7, n=5)
-    finals = [r.split("boxed{")[-1] for r in replies]
-    best = Counter(finals).most_common(1)[0][0]
-    return replies[finals.index(best)]
-''',
-    "pot": '''def solver(agent, task):
-    prompt = ("Write a Python function solution() that computes the answer to this problem and returns it. "
-              "Reply with only one ```python block.\\n\\n" + task)
-    reply = agent.call_llm(prompt)
-    code = reply.split("```python")[-1].split("```")[0]
-    result = agent.execute_code(code)
-    if result.startswith("Error"):
-        return agent.call_llm(task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}.")
-    return "\\\\boxed{" + result + "}"
-''',
-    "self_refine": '''def solver(agent, task):
-    draft = agent.call_llm(task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}.")
-    feedback = agent.call_llm("Problem:\\n" + task + "\\n\\nProposed solution:\\n" + draft +
-                              "\\n\\nCheck each step. List any mistakes, or say 'correct'.")
-    if "correct" in feedback.lower()[:200] and "incorrect" not in feedback.lower()[:200]:
-        return draft
-    return agent.call_llm("Problem:\\n" + task + "\\n\\nDraft:\\n" + draft + "\\n\\nReview:\\n" + feedback +
-                          "\\n\\nWrite a corrected solution. End with the final answer as \\\\boxed{ANSWER}.")
-''',
+STATUSES = {  # what became of one meta-agent sample (Candidate.status)
+    None: "drawn; or passed the pre-screen and waits for evaluation",
+    "unextractable": "no ```python block defines solver(agent, task), even after its repairs",
+    "near-copy": "the same program as a workflow the episode has seen or an earlier sample of the turn, after repairs",
+    "broken": "failed a free dry run against the canned executors, even after its repairs",
+    "spare": "passed the pre-screen after m others had: not evaluated",
+    "error": "raised on the first validation sample (the self-check), even after its repairs",
+    "discarded": "evaluated at validation accuracy <= 0.05: no reward, not trained on (paper)",
+    "ok": "evaluated and kept: rewarded, and best-of-m picks among these",
 }
+EVALUATED = ("ok", "discarded", "error")  # statuses of a sample that reached the validation split
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 4. State s_t: a conversation, as in the official main.py. The first user message is the initial state in the
+@dataclasses.dataclass
+class Candidate:
+    """One meta-agent sample of a turn, from its draw to its reward."""
+    sample: int  # index within the turn
+    seed: int  # sampling seed of the draw; its completion and repairs derive theirs from it
+    messages: list  # the state s_t it was drawn in
+    action: str  # what RLAO trains on: the reply, continued where it had no code, or its analysis + repaired code
+    first_action: str  # the meta-agent's own reply, as drawn
+    prefilled: str = ""  # the code opening the reply was continued from, if it was
+    code: str | None = None  # the workflow extracted from the action
+    status: str | None = None  # see STATUSES
+    reason: str = ""  # why it has that status
+    debug: list = dataclasses.field(default_factory=list)  # repair rounds: the code shown, what failed, the reply
+    ev: Evaluation | None = None  # its validation results, once evaluated
+    cases: list = dataclasses.field(default_factory=list)  # the validation cases its feedback shows
+    reward: float | None = None  # only a kept ("ok") candidate is rewarded
+
+    @property
+    def acc(self):
+        return self.ev.accuracy if self.ev else None
+
+
+@dataclasses.dataclass
+class Episode:
+    """The conversation of `context_window` turns from one reset, and what its reward compares against."""
+    archive: list  # the workflows the initial state shows: the seeds + the latest generated one
+    known: list  # every workflow the episode has seen (archive + kept actions): a near-copy of one is rejected
+    focus: str  # the workflow the episode refines first (it shows the most cases)
+    parent: dict  # the archive entry the next action refines
+    best: float  # the reward's "best", fixed at the episode's start
+    prev: float  # the previous turn's accuracy
+    turns: list = dataclasses.field(default_factory=list)  # the chosen actions and their feedback, in order
+
+
+def optimize(run, executor, meta, log):
+    """The W4S loop as a generator: it yields the evaluated seed archive, then one record per turn (every sample
+    drawn, the chosen one, the best so far). The caller persists them; nothing here writes a file."""
+    seed_archive = evaluate_seeds(run, executor, log)
+    best, latest = max(seed_archive, key=lambda w: w["val_accuracy"]), None
+    yield dict(seeds=seed_archive, best=best)
+    for it in range(1, run.args.iterations + 1):
+        n_episode, turn = divmod(it - 1, run.args.context_window)
+        if turn == 0:
+            episode = new_episode(seed_archive, latest)
+        parent = episode.parent["name"]
+        cands, chosen = play_turn(episode, meta, executor, run, it)
+        latest = continue_episode(episode, chosen, f"iteration{it}", run.args.seed) or latest
+        if chosen and chosen.acc > best["val_accuracy"]:
+            best = latest
+        yield dict(iteration=it, episode=n_episode, turn=turn + 1, parent=parent, candidates=cands, chosen=chosen,
+                   best=best)
+
+
+def new_episode(seed_archive, latest):
+    """The official reset: the seeds plus the latest generated workflow; the reward's best is fixed at the best of
+    these for the whole episode, and the previous turn is the latest workflow (the first seed before any)."""
+    archive = seed_archive + ([latest] if latest else [])
+    focus = latest or max(seed_archive, key=lambda w: w["val_accuracy"])
+    return Episode(archive=archive, known=list(archive), focus=focus["name"], parent=focus,
+                   best=max(w["val_accuracy"] for w in archive), prev=(latest or seed_archive[0])["val_accuracy"])
+
+
+def play_turn(episode, meta, executor, run, it):
+    """One step of the MDP. Draw m actions; complete, pre-screen and repair them; take the transition of those that
+    passed (up to m evaluated in the turn, a pass past that is logged as "spare"); draw m more while fewer than m
+    passed or none was kept, up to 3m drawn. Reward each kept candidate against the episode's best and the previous
+    turn. Returns (every sample, the chosen one or None)."""
+    m, cands = run.args.samples, []
+    while len(cands) < 3 * m and not (sum(c.status in EVALUATED for c in cands) >= m and chosen_from(cands)):
+        new = draw_samples(meta, episode, run, it, first=len(cands), count=min(m, 3 * m - len(cands)))
+        complete_code(meta, new, run)
+        screen_and_repair(new, cands, episode.known, meta, run)
+        evaluated = sum(c.status in EVALUATED for c in cands)
+        room = m - evaluated if evaluated < m else m  # (m evaluated but none kept: m more)
+        ready = [c for c in new if c.status is None]
+        for c in ready[room:]:
+            c.status, c.reason = "spare", f"passed the pre-screen after {m} others had: not evaluated"
+        with phase(run, "candidate_check_and_evaluation"):
+            list(run.meta_pool.map(lambda c: transition(c, episode.known, meta, executor, run), ready[:room]))
+        cands += new
+    for c in cands:
+        c.cases = feedback_cases(c.ev, run.args.seed) if c.ev else []
+        c.reward = reward(c.acc, episode.best, episode.prev, run.args.reward) if c.status == "ok" else None
+    return cands, chosen_from(cands)
+
+
+def draw_samples(meta, episode, run, it, first, count):
+    """`count` fresh meta-agent samples on the fitted state, sample indices first, first + 1, ... of turn `it` (a
+    local model decodes them in one batch)."""
+    indices = range(first, first + count)
+    with phase(run, "meta_agent_generation"):
+        replies = list(run.meta_pool.map(lambda j: ask_meta(meta, episode, run, 100 * it + j), indices))
+    return [Candidate(sample=j, seed=100 * it + j, messages=messages, action=reply, first_action=reply)
+            for j, (messages, reply) in zip(indices, replies)]
+
+
+def complete_code(meta, cands, run):
+    """On a meta-agent that can continue its own message (a local one), a reply that ended without a python block
+    goes on from its analysis into CODE_OPENING: the 1.5B stopped after its analysis in 14 of its 24 rejected
+    samples. The action becomes the analysis, the prefilled opening and what the model wrote after it."""
+    todo = [c for c in cands if meta.can_continue and not benchmarks.code_blocks(c.action)]
+
+    def go(c):
+        opened = c.action.rstrip() + "\n\n" + CODE_OPENING
+        more = meta.chat(c.messages + [{"role": "assistant", "content": opened}], temperature=0.7,
+                         max_tokens=run.args.meta_max_tokens, sample=c.seed, stop=META_STOP)
+        c.action, c.prefilled = opened + more, CODE_OPENING
+    with phase(run, "meta_agent_generation"):
+        list(run.meta_pool.map(go, todo))
+
+
+def screen_and_repair(new, earlier, known, meta, run):
+    """Pre-screen each new sample against the episode's workflows and this turn's earlier passes (a copy of either
+    teaches nothing), then repair the failures, all of them at once (a local model decodes them in one batch), at
+    most REPAIR_ROUNDS times; each repair is pre-screened again. Sets each sample's code, status and reason."""
+    def others():  # (a sample not screened yet has no code)
+        return known + [dict(name=f"sample {c.sample} of this turn", code=c.code) for c in earlier + new
+                        if c.code and c.status in (None, "spare", *EVALUATED)]
+    for c in new:
+        c.code, c.status, c.reason = prescreen(c.action, others(), run.val[0], run.args.timeout)
+    for _ in range(REPAIR_ROUNDS):
+        failed = [c for c in new if c.status]
+        if not failed:
+            break
+        with phase(run, "meta_agent_generation"):
+            list(run.meta_pool.map(lambda c: repair(c, f"Your workflow failed the check before evaluation: "
+                                                       f"{repair_hint(c)}", others(), meta, run), failed))
+
+
+def repair_hint(cand):
+    if cand.status == "near-copy":
+        return (f"it is a {cand.reason}, which is already scored: evaluating it again teaches nothing. Change what "
+                "the workflow does (a check of the answer, a vote over samples, a program run with "
+                "agent.execute_code, a plan first).")
+    return cand.reason
+
+
+def chosen_from(cands):
+    """Best-of-m: the kept candidate with the highest validation accuracy, or None."""
+    return max((c for c in cands if c.status == "ok"), key=lambda c: c.acc, default=None)
+
+
+def continue_episode(episode, chosen, name, seed):
+    """The conversation goes on with the chosen action and its feedback, and the chosen workflow joins the archive;
+    returns its archive entry. With none chosen the conversation stays as it was: a rejected or discarded reply
+    shown as the meta-agent's own turn was copied by it (7 of 9 samples of the next turn)."""
+    if not chosen:
+        return None
+    episode.turns.append(dict(action=chosen.action, acc=chosen.acc, ci=chosen.ev.ci, prev=episode.prev,
+                              cases=chosen.cases))
+    entry = archive_entry(name, chosen.code, chosen.ev, seed)
+    episode.prev, episode.parent = chosen.acc, entry
+    episode.known.append(entry)
+    return entry
+
+
+def evaluate_seeds(run, executor, log):
+    """The archive starts with the task's seed workflows, all evaluated at once on the validation split."""
+    seeds = {name: SEED_WORKFLOWS[name] for name in run.task.SEEDS}
+    seeds.update(getattr(run.task, "EXTRA_SEEDS", {}) or {})
+    with phase(run, "seed_evaluation"):
+        evs = evaluate_all(seeds, run.val, executor, run, desc=f"{len(seeds)} seeds")
+    archive = [archive_entry(name, code, evs[name], run.args.seed) for name, code in seeds.items()]
+    for w in archive:
+        log(f"seed {w['name']:12s} val {w['val_accuracy']:.2f} [{w['val_ci'][0]:.2f}, {w['val_ci'][1]:.2f}]  "
+            f"({evs[w['name']].failed} failed)")
+    return archive
+
+
+def archive_entry(name, code, ev, seed):
+    return dict(name=name, code=code, val_accuracy=ev.accuracy, val_ci=ev.ci, cases=feedback_cases(ev, seed))
+
+
+def score_on_test(run, executor, seed_archive, best, log):
+    """The held-out test split, scored once at the end (never seen before): the best workflow and the best seed,
+    or every seed with --test-all-seeds, all at once."""
+    best_seed = max(seed_archive, key=lambda w: w["val_accuracy"])
+    chosen = seed_archive if run.args.test_all_seeds else [best_seed]
+    workflows = {w["name"]: w["code"] for w in chosen + ([best] if best not in chosen else [])}
+    with phase(run, "test_scoring"):
+        evs = evaluate_all(workflows, run.test, executor, run, desc=f"test split, {len(workflows)} workflows")
+    for name, ev in evs.items():
+        log(f"test {name:12s} {ev.accuracy:.2f} [{ev.ci[0]:.2f}, {ev.ci[1]:.2f}]  (n={ev.n})")
+    return {name: dict(accuracy=ev.accuracy, ci=ev.ci, n=ev.n, failed=ev.failed) for name, ev in evs.items()}
+
+
+@contextlib.contextmanager
+def phase(run, name):
+    """Wall seconds per phase of the run, for report.json; a model loaded meanwhile counts as model_load instead."""
+    t, load = time.time(), LLM.load_seconds
+    yield
+    run.phases[name] = run.phases.get(name, 0.0) + time.time() - t - (LLM.load_seconds - load)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. State s_t: a conversation, as in the official main.py. The first user message is the initial state in the
 #    official five parts (interface, guiding principles, task, archive, output format); each earlier turn of the
 #    episode then adds the chosen action (assistant) and the feedback on it (user).
 
@@ -322,7 +388,6 @@ OUTPUT_FORMAT = ("First explain, in at most 5 sentences, what the failing cases 
 NEXT_TURN = ("Now improve on it: explain what these cases show, then write the complete new workflow in one ```python "
              "block.")
 CODE_OPENING = "```python\ndef solver(agent, task):\n"
-
 # How much the state says, from most to least; fit_state() takes the first level that fits the meta-agent's
 # context. In this order: fewer cases and shorter texts, then fewer earlier turns, then (for a 2k-token context)
 # no technique catalogue and only the focus workflow's code. The rest of the initial state is always kept.
@@ -336,8 +401,8 @@ def build_state(task, episode, d=DETAIL[0]):
     """s_t as chat messages. The archive holds validation results only: the test split never reaches this
     function. The focus workflow (the one the episode refines first) shows d['cases'] cases, the others fewer."""
     archive = ["# Archive of earlier workflows (validation accuracy, some validation cases)"]
-    for w in episode["archive"]:
-        focus = w["name"] == episode["focus"]
+    for w in episode.archive:
+        focus = w["name"] == episode.focus
         code = f"\n```python\n{w['code'].strip()}\n```" if focus or d["all_code"] else ""
         cases = w["cases"][:d["cases"] if focus else d["archive_cases"]]
         archive.append(f"## {w['name']}: validation accuracy {w['val_accuracy']:.2f}{code}"
@@ -346,22 +411,18 @@ def build_state(task, episode, d=DETAIL[0]):
     initial = "\n\n".join([f"# Interface the workflow may use\n{INTERFACE_DOC}", f"# Guiding principles\n{principles}",
                            f"# Task\n{task.DESCRIPTION}", *archive, f"# Output format\n{OUTPUT_FORMAT}"])
     messages = [{"role": "system", "content": META_SYSTEM}, {"role": "user", "content": initial}]
-    turns = episode["turns"] if d["turns"] is None else episode["turns"][len(episode["turns"]) - d["turns"]:]
+    turns = episode.turns if d["turns"] is None else episode.turns[len(episode.turns) - d["turns"]:]
     for t in turns:
         messages += [{"role": "assistant", "content": t["action"]}, {"role": "user", "content": feedback(t, d)}]
     return messages
 
 
 def feedback(turn, d):
-    """The observation after a turn: accuracy with its CI and trend, then the cases (failures first); for an action
-    that was not kept, why."""
-    if turn["acc"] is None:
-        return f"Your workflow was not evaluated: {clip(turn['reason'], 300)}\n\n{NEXT_TURN}"
+    """The observation after a kept action: accuracy with its CI and trend, then the cases (failures first)."""
     lo, hi = turn["ci"]
     cases = "\n".join(case_text(c, d["chars"]) for c in turn["cases"][:d["cases"]])
-    dropped = f" It was discarded ({turn['reason']})." if turn["reason"] else ""
     return (f"The evaluation feedback on your workflow: validation accuracy {turn['acc']:.2f} (95% CI [{lo:.2f}, "
-            f"{hi:.2f}]). {trend(turn['acc'], turn['prev'])}{dropped}\n{cases}\n\n{NEXT_TURN}")
+            f"{hi:.2f}]). {trend(turn['acc'], turn['prev'])}\n{cases}\n\n{NEXT_TURN}")
 
 
 def case_text(c, chars):
@@ -423,8 +484,11 @@ def ask_meta(meta, episode, run, sample):
                                 "--meta-context to the server's context size, or give the server a larger one")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Action a_t -> workflow code, and the free pre-screen (no executor call)
+META_STOP = ["\n```\n"]  # a small meta-agent rambles on after its block; stopping there saves most of a CPU turn
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. Action a_t -> workflow code, and the free pre-screen (no executor call)
 
 UNPARSABLE = (RecursionError, MemoryError, ValueError)  # what ast raises on ~500+ nested operators or a null byte
 
@@ -451,6 +515,384 @@ def extract_workflow(reply):
         if fns:
             errors.append("solver must take exactly two arguments: solver(agent, task)")
     return None, errors[0] if errors else "no block defines solver(agent, task)"
+
+
+def prescreen(reply, archive, example, timeout):
+    """(code, status, reason): status None when the reply passes the free checks: it holds a workflow, the workflow
+    is not a near-copy of one in the archive, and two dry runs against canned executors that answer differently
+    (DRY_WORLDS) do not crash, send the task to the executor, and return different answers. A workflow whose answer
+    does not depend on what the executor says is a constant, however it dresses up: a reward hack, never a workflow;
+    one that never shows the executor the task answers some other question."""
+    code, error = extract_workflow(reply)
+    if code is None:
+        return None, "unextractable", error
+    copied = near_copy(code, archive)
+    if copied:
+        return code, "near-copy", f"near-copy of {copied}"
+    answers, sent = [], []
+    with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
+        for world in DRY_WORLDS:
+            dry, answer = solver_answer(box.run("__w4s_main__", example["question"], rpc=fake_agent_rpc(world, sent),
+                                                timeout=min(timeout, 10), max_calls=MAX_CALLS))
+            if not dry.ok:
+                return code, "broken", f"(dry run with canned executor replies) {clip(dry.error, 1500)}"
+            answers.append(answer)
+    if not sent:  # a constant that happens to match a few validation answers is a reward hack
+        return code, "broken", "(dry run) the workflow never called agent.call_llm: the executor must do the reasoning"
+    if not any(example["question"].strip()[-40:] in text for text in sent):
+        return code, "broken", ("(dry run) no agent.call_llm prompt held the task: the executor never saw the question "
+                                "it must answer; put `task` in the prompt")
+    if answers[0] == answers[1]:
+        return code, "broken", (f"(dry run) the workflow returned {clip(answers[0], 80)!r} whatever the executor "
+                                "answered: the answer must come from the executor's replies")
+    return code, None, ""
+
+
+DRY_WORLDS = [("42", "A"), ("17", "B")]  # the canned executor of each dry run: its number and its letter
+
+
+def fake_agent_rpc(world, sent):
+    """Canned replies for a free dry run (catches broken edits: undefined names, bad indexing, with no LLM call),
+    appending the text of every executor prompt to `sent`. Prompts are read as the real executor reads them
+    (as_messages): one it would refuse fails the dry run too."""
+    number, letter = world
+
+    def rpc(method, params):
+        if method == "execute_code":
+            return number
+        sent.extend(m["content"] for m in as_messages((params or {}).get("messages")))
+        keys, n = (params or {}).get("json_keys"), int((params or {}).get("n") or 1)
+        one = {k: number for k in keys} if keys else f"The answer is \\boxed{{{number}}} ({letter})."
+        return one if n == 1 else [one] * n
+    return rpc
+
+
+def solver_answer(out):
+    """(outcome, answer) of one sandbox run of a workflow: a returned value that is not text fails the run."""
+    got = out.value.get("answer") if out.ok and isinstance(out.value, dict) else out.value
+    if out.ok and not isinstance(got, (str, int, float)):
+        out = dataclasses.replace(out, ok=False, error=f"solver returned {type(got).__name__}, expected a string")
+    return out, got
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. Transition: self-check and repair, evaluation. Observation: accuracy with a CI, the trend, the cases.
+
+MAX_CALLS = 50  # executor calls one sample of a workflow may make
+REPAIR_ROUNDS = 3  # repairs of one sample: a pre-screen failure or a self-check error (paper)
+
+
+def transition(cand, known, meta, executor, run):
+    """From a pre-screened action to an evaluated candidate. The paper's self-check is the first validation sample,
+    run together with the rest of the split (a workflow that passed the dry runs nearly always passes it, and checking
+    it alone first cost one serial chain of executor calls per candidate). On an error there, self-debug: a repair
+    (repair()) shown the traceback with the workflow's own line numbers, then evaluate again, at most REPAIR_ROUNDS
+    times. A candidate at accuracy <= 0.05 is discarded (paper): no reward, and not trained on."""
+    for attempt in range(REPAIR_ROUNDS + 1):
+        ev = evaluate(cand.code, run.val, executor, run, desc=f"candidate {cand.sample}")
+        error = ev.cases[0]["error"]
+        if error is None:
+            discarded = ev.accuracy <= 0.05
+            cand.status, cand.ev = "discarded" if discarded else "ok", ev
+            cand.reason = f"validation accuracy {ev.accuracy:.2f}" if discarded else ""
+            return
+        if attempt == REPAIR_ROUNDS or not repair(cand, f"Your workflow failed on a validation case:\n{error}",
+                                                  known, meta, run):
+            cand.status, cand.reason = "error", clip(error, 1500)
+            return
+
+
+def repair(cand, failure, known, meta, run):
+    """One repair round of a candidate: the meta-agent's fix must pass the same free pre-screen as any sample. On
+    success the candidate takes the fixed code, and its action becomes its own analysis followed by that code, under
+    its original state (what RLAO trains on, as the official pipeline splices it). Returns whether it passed."""
+    messages = repair_messages(run.task, cand, failure, meta)
+    reply = meta.chat(messages, temperature=0.7, max_tokens=run.args.meta_max_tokens,
+                      sample=cand.seed + 10000 * len(cand.debug), stop=META_STOP)  # a new draw each round
+    reply = messages[-1]["content"] + reply if messages[-1]["role"] == "assistant" else reply
+    code, status, reason = prescreen(reply, known, run.val[0], run.args.timeout)
+    cand.debug.append(dict(code=cand.code, error=failure, reply=reply))
+    if status:
+        cand.code, cand.status, cand.reason = code or cand.code, status, reason
+        return False
+    analysis = cand.first_action.split("```")[0].strip()
+    cand.code, cand.status, cand.reason = code, None, ""
+    cand.action = f"{analysis}\n\n```python\n{code.strip()}\n```"
+    return True
+
+
+def repair_messages(task, cand, failure, meta):
+    """A repair's short context (the authors' loop): the interface, the task, the failing reply's workflow (or the
+    reply itself, with no workflow in it) and what failed. A local meta-agent's repair starts inside the code block."""
+    shown = f"```python\n{cand.code.strip()}\n```" if cand.code else clip(cand.action, 3000)
+    ask = (f"# Interface the workflow may use\n{INTERFACE_DOC}\n\n# Task\n{task.DESCRIPTION}\n\n# Your reply\n"
+           f"{shown}\n\n{failure}\n\nFix it. Reply with only the whole corrected workflow: one ```python block that "
+           "defines solver(agent, task). Do not use try/except.")
+    messages = [{"role": "system", "content": META_SYSTEM}, {"role": "user", "content": ask}]
+    return messages + ([{"role": "assistant", "content": "```python\n"}] if meta.can_continue else [])
+
+
+@dataclasses.dataclass
+class Evaluation:
+    accuracy: float
+    ci: tuple
+    n: int
+    failed: int  # samples that raised or timed out
+    cases: list  # per sample: id, question, got, extracted, expected, score, error
+
+
+def evaluate(code, examples, executor, run, desc="eval"):
+    return evaluate_all({"workflow": code}, examples, executor, run, desc)["workflow"]
+
+
+def evaluate_all(codes, examples, executor, run, desc="eval"):
+    """{name: Evaluation} for several workflows at once: every sample of every workflow is in flight together (up
+    to --concurrency), each in its own sandboxed process, so a local executor's batch fills up."""
+    with contextlib.ExitStack() as stack:
+        boxes = {n: stack.enter_context(sandbox.Sandbox(c, prelude=AGENT_PRELUDE)) for n, c in codes.items()}
+        futures = {n: [] for n in codes}
+        for ex in examples:  # example by example: no workflow's samples all wait at the back of the queue
+            for n in codes:
+                futures[n].append(run.pool.submit(run_sample, boxes[n], ex, executor, run))
+        for _ in progress([f for fs in futures.values() for f in fs], desc):
+            pass
+    if run.ledger.exhausted:
+        raise BudgetExhausted("budget reached during evaluation")
+    out = {}
+    for name, fs in futures.items():
+        cases = [f.result() for f in fs]
+        scores = [c["score"] for c in cases]
+        out[name] = Evaluation(sum(scores) / max(len(scores), 1), bootstrap_ci(scores, run.args.seed), len(cases),
+                               sum(c["error"] is not None for c in cases), cases)
+    return out
+
+
+def run_sample(box, example, executor, run):
+    """One validation/test sample of one workflow, in the sandbox. The gold answer never enters the child."""
+    out, got = solver_answer(box.run("__w4s_main__", example["question"], rpc=agent_rpc(executor, run.args.max_tokens),
+                                     timeout=run.args.timeout, max_calls=MAX_CALLS))
+    score = float(run.task.score(example, got)) if out.ok else 0.0
+    return dict(id=example["id"], question=example["question"], got=clip_middle(got, 2000) if out.ok else None,
+                extracted=clip(run.task.extract(example, got), 300) if out.ok else None,
+                expected=example["answer"], score=score, error=None if out.ok else clip(out.error, 1500))
+
+
+def progress(futures, desc):
+    from tqdm import tqdm
+    return tqdm(cf.as_completed(futures), total=len(futures), desc=f"  {desc}", leave=False, dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def bootstrap_ci(scores, seed, rounds=1000):
+    """95 % percentile-bootstrap interval of the mean: validation sets here are small, so show the uncertainty."""
+    if not scores:
+        return (0.0, 0.0)
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(scores, k=len(scores))) / len(scores) for _ in range(rounds))
+    return (round(means[int(0.025 * rounds)], 4), round(means[int(0.975 * rounds) - 1], 4))
+
+
+def feedback_cases(ev, seed, k=10):
+    """Up to k validation cases for the meta-agent, failures first (they carry the signal)."""
+    rng = random.Random(seed)
+    bad = [c for c in ev.cases if c["score"] < 1]
+    good = [c for c in ev.cases if c["score"] >= 1]
+    rng.shuffle(bad)
+    rng.shuffle(good)
+    return [dict(question=c["question"], got=c["got"] or "", extracted=c["extracted"] or "", expected=c["expected"],
+                 correct=c["score"] >= 1, error=c["error"]) for c in (bad + good)[:k]]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. Reward
+
+def reward(acc, best, prev, form="discrete"):
+    """Discrete (paper): 1 if acc beats the episode's best, 0.5 if it beats the previous turn, else 0; -0.1 more
+    when acc < 0.3. Continuous: relative gain over the best, and 1 for any accuracy when the best is 0 (official)."""
+    if form == "continuous":
+        return (acc - best) / best if best > 0 else float(acc > 0)
+    r = 1.0 if acc > best else 0.5 if acc > prev else 0.0
+    return r - 0.1 if acc < 0.3 else r
+
+
+def trend(acc, prev):
+    if acc > prev:
+        return f"Validation accuracy increased from {prev:.2f} to {acc:.2f}."
+    if acc < prev:
+        return f"Validation accuracy decreased from {prev:.2f} to {acc:.2f}."
+    return f"Validation accuracy stayed at {acc:.2f}."
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 6. Workflow interface: what a workflow sees inside the sandbox. `rpc` is provided by sandbox.py and reaches
+#    `agent_rpc` below, in this process, which owns the models, the cache and the budget.
+
+AGENT_PRELUDE = '''
+class Agent:
+    def call_llm(self, prompt_or_messages, temperature=0.0, n=1, json_keys=None, max_tokens=None):
+        return rpc("call_llm", {"messages": prompt_or_messages, "temperature": temperature, "n": n,
+                                "json_keys": json_keys, "max_tokens": max_tokens})
+
+    def execute_code(self, code, timeout=10):
+        return rpc("execute_code", {"code": code, "timeout": timeout})
+
+def __w4s_main__(task):
+    return solver(Agent(), task)
+'''
+INTERFACE_DOC = """agent.call_llm(prompt_or_messages, temperature=0.0, n=1, json_keys=None) -> str
+    Ask the executor LLM. prompt_or_messages: a string or a list of {"role", "content"} dicts.
+    n > 1 returns a list of n samples (use temperature > 0 for diversity).
+    json_keys=["reasoning", "answer"] returns a dict with exactly those keys.
+agent.execute_code(code, timeout=10) -> str
+    Run Python code that defines solution() (or prints its answer) in a sandbox; returns the result as a string,
+    or a string starting with "Error:"."""
+
+
+def agent_rpc(executor, max_tokens):
+    """The parent-side handler of one sample's `agent` calls. Identical requests within a sample get increasing sample
+    indices, so a workflow that loops over call_llm(temperature=0.7) gets distinct (and cached) samples."""
+    seen = collections.Counter()
+    lock = threading.Lock()
+
+    def one_call(messages, temperature, budget):
+        with lock:
+            k = json.dumps([messages, temperature])
+            sample, seen[k] = seen[k], seen[k] + 1
+        return executor.chat(messages, temperature, budget, sample=sample)
+
+    def rpc(method, params):
+        if method == "execute_code":
+            return run_snippet(str(params.get("code", "")), timeout=min(float(params.get("timeout") or 10), 60))
+        if method != "call_llm":
+            raise ValueError(f"unknown agent method {method!r}")
+        messages = as_messages(params.get("messages"))
+        temperature = min(max(float(params.get("temperature") or 0.0), 0.0), 2.0)
+        n = min(max(int(params.get("n") or 1), 1), 10)
+        budget = min(int(params.get("max_tokens") or max_tokens), max_tokens)
+        keys = params.get("json_keys")
+        if keys:
+            messages = messages[:-1] + [dict(messages[-1], content=messages[-1]["content"] + "\n\nReply with only a "
+                                             f"JSON object with the keys {json.dumps(list(keys))}.")]
+        with cf.ThreadPoolExecutor(n) as pool:  # n samples at once: a local executor batches them
+            texts = list(pool.map(lambda _: one_call(messages, temperature, budget), range(n)))
+        outs = [parse_json_reply(t, keys) for t in texts] if keys else texts
+        return outs[0] if n == 1 else outs
+
+    return rpc
+
+
+def as_messages(x):
+    if isinstance(x, str):
+        return [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": x}]
+    if isinstance(x, list) and x and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in x):
+        msgs = [{"role": str(m.get("role", "user")), "content": m["content"]} for m in x]
+        if msgs[0]["role"] != "system":  # chat templates inject their own default system prompt otherwise
+            msgs.insert(0, {"role": "system", "content": "You are a helpful assistant."})
+        return msgs
+    raise ValueError("call_llm expects a prompt string or a non-empty list of {'role', 'content'} dicts")
+
+
+def parse_json_reply(text, keys):
+    """Best effort: the first {...} object in the reply; missing keys become ''. Small models wrap JSON in prose."""
+    m = re.search(r"\{.*\}", text, re.S)
+    try:
+        obj = json.loads(m.group(0)) if m else {}
+    except json.JSONDecodeError:
+        obj = {}
+    obj = obj if isinstance(obj, dict) else {}
+    return {k: obj.get(k, "") if k in obj else (text if k == keys[-1] else "") for k in keys}
+
+
+def snippet_harness(src):
+    """execute_code, inside the sandbox (this function's source is what runs there, in a fresh fork of one warm
+    sandbox per process): solution()'s value wins, else the last printed line (the 1.5B executor rarely defines
+    solution() as asked); sympy results become LaTeX for MATH."""
+    import contextlib, io, linecache, traceback
+    out, env = io.StringIO(), {"__name__": "__main__"}
+    linecache.cache["snippet.py"] = (len(src), None, src.splitlines(True), "snippet.py")  # traceback shows its lines
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(src, "snippet.py", "exec"), env)
+            value = env["solution"]() if callable(env.get("solution")) else None
+    except Exception as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == "snippet.py"]
+        return "Error: " + "".join(traceback.format_list(frames)) + f"{type(e).__name__}: {e}"
+    if value is None:
+        lines = [line.strip() for line in out.getvalue().splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+    if type(value).__module__.startswith("sympy"):
+        import sympy
+        return sympy.latex(value)
+    return str(value)
+
+
+SNIPPET_HARNESS = inspect.getsource(snippet_harness)  # read once, not on every execute_code call
+
+
+def run_snippet(code, timeout):
+    harness = sandbox.shared(SNIPPET_HARNESS, filename="harness.py", preimport=("sympy",))
+    out = harness.run("snippet_harness", code, timeout=timeout)
+    return str(out.value) if out.ok else f"Error: {out.error}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 7. Seed workflows (evaluated first; the archive starts with them)
+
+SEED_WORKFLOWS = {
+    "cot": '''def solver(agent, task):
+    prompt = task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}."
+    return agent.call_llm(prompt)
+''',
+    "cot_sc": '''from collections import Counter
+
+def solver(agent, task):
+    prompt = task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}."
+    replies = agent.call_llm(prompt, temperature=0.7, n=5)
+    finals = [r.split("boxed{")[-1] for r in replies]
+    best = Counter(finals).most_common(1)[0][0]
+    return replies[finals.index(best)]
+''',
+    "pot": '''def solver(agent, task):
+    prompt = ("Write a Python function solution() that computes the answer to this problem and returns it. "
+              "Reply with only one ```python block.\\n\\n" + task)
+    reply = agent.call_llm(prompt)
+    code = reply.split("```python")[-1].split("```")[0]
+    result = agent.execute_code(code)
+    if result.startswith("Error"):
+        return agent.call_llm(task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}.")
+    return "\\\\boxed{" + result + "}"
+''',
+    "self_refine": '''def solver(agent, task):
+    draft = agent.call_llm(task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}.")
+    feedback = agent.call_llm("Problem:\\n" + task + "\\n\\nProposed solution:\\n" + draft +
+                              "\\n\\nCheck each step. List any mistakes, or say 'correct'.")
+    if "correct" in feedback.lower()[:200] and "incorrect" not in feedback.lower()[:200]:
+        return draft
+    return agent.call_llm("Problem:\\n" + task + "\\n\\nDraft:\\n" + draft + "\\n\\nReview:\\n" + feedback +
+                          "\\n\\nWrite a corrected solution. End with the final answer as \\\\boxed{ANSWER}.")
+''',
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 8. Near-copy detection (the pre-screen's plumbing): two programs are the same workflow when they differ only in
+#    names, comments, dead code and a few characters of their prompts.
+
+def near_copy(code, archive):
+    """Name of the archive workflow this code nearly copies, or None: the same structure (see normalized) and
+    prompts that differ in at most 5 % or 3 characters. Any change to what the program does, however small, is a
+    new workflow: the principles ask for one change at a time. Copies cost evaluation and teach nothing."""
+    structure, prompts = normalized(code)
+    for w in archive:
+        other, other_prompts = normalized(w["code"])
+        if structure == other and chars_changed(prompts, other_prompts) <= max(3, 0.05 * len(other_prompts)):
+            return w["name"]
+    return None
+
+
+def chars_changed(a, b):
+    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    return sum(max(i2 - i1, j2 - j1) for op, i1, i2, j1, j2 in ops if op != "equal")
 
 
 def normalized(code):
@@ -534,400 +976,9 @@ def is_docstring(stmt):
     return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)
 
 
-def near_copy(code, archive):
-    """Name of the archive workflow this code nearly copies, or None: the same structure (see normalized) and
-    prompts that differ in at most 5 % or 3 characters. Any change to what the program does, however small, is a
-    new workflow: the principles ask for one change at a time. Copies cost evaluation and teach nothing."""
-    structure, prompts = normalized(code)
-    for w in archive:
-        other, other_prompts = normalized(w["code"])
-        if structure == other and chars_changed(prompts, other_prompts) <= max(3, 0.05 * len(other_prompts)):
-            return w["name"]
-    return None
-
-
-def chars_changed(a, b):
-    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
-    return sum(max(i2 - i1, j2 - j1) for op, i1, i2, j1, j2 in ops if op != "equal")
-
-
-DRY_WORLDS = [("42", "A"), ("17", "B")]  # the canned executor of each dry run: its number and its letter
-
-
-def fake_agent_rpc(world, sent):
-    """Canned replies for a free dry run (catches broken edits: undefined names, bad indexing, with no LLM call),
-    appending the text of every executor prompt to `sent`. Prompts are read as the real executor reads them
-    (as_messages): one it would refuse fails the dry run too."""
-    number, letter = world
-
-    def rpc(method, params):
-        if method == "execute_code":
-            return number
-        sent.extend(m["content"] for m in as_messages((params or {}).get("messages")))
-        keys, n = (params or {}).get("json_keys"), int((params or {}).get("n") or 1)
-        one = {k: number for k in keys} if keys else f"The answer is \\boxed{{{number}}} ({letter})."
-        return one if n == 1 else [one] * n
-    return rpc
-
-
-def solver_answer(out):
-    """(outcome, answer) of one sandbox run of a workflow: a returned value that is not text fails the run."""
-    got = out.value.get("answer") if out.ok and isinstance(out.value, dict) else out.value
-    if out.ok and not isinstance(got, (str, int, float)):
-        out = dataclasses.replace(out, ok=False, error=f"solver returned {type(got).__name__}, expected a string")
-    return out, got
-
-
-def prescreen(reply, archive, example, timeout):
-    """(code, status, reason): status None when the reply passes the free checks: it holds a workflow, the workflow
-    is not a near-copy of one in the archive, and two dry runs against canned executors that answer differently
-    (DRY_WORLDS) do not crash, send the task to the executor, and return different answers. A workflow whose answer
-    does not depend on what the executor says is a constant, however it dresses up: a reward hack, never a workflow;
-    one that never shows the executor the task answers some other question."""
-    code, error = extract_workflow(reply)
-    if code is None:
-        return None, "unextractable", error
-    copied = near_copy(code, archive)
-    if copied:
-        return code, "near-copy", f"near-copy of {copied}"
-    answers, sent = [], []
-    with sandbox.Sandbox(code, prelude=AGENT_PRELUDE) as box:
-        for world in DRY_WORLDS:
-            dry, answer = solver_answer(box.run("__w4s_main__", example["question"], rpc=fake_agent_rpc(world, sent),
-                                                timeout=min(timeout, 10), max_calls=MAX_CALLS))
-            if not dry.ok:
-                return code, "broken", f"(dry run with canned executor replies) {clip(dry.error, 1500)}"
-            answers.append(answer)
-    if not sent:  # a constant that happens to match a few validation answers is a reward hack
-        return code, "broken", "(dry run) the workflow never called agent.call_llm: the executor must do the reasoning"
-    if not any(example["question"].strip()[-40:] in text for text in sent):
-        return code, "broken", ("(dry run) no agent.call_llm prompt held the task: the executor never saw the question "
-                                "it must answer; put `task` in the prompt")
-    if answers[0] == answers[1]:
-        return code, "broken", (f"(dry run) the workflow returned {clip(answers[0], 80)!r} whatever the executor "
-                                "answered: the answer must come from the executor's replies")
-    return code, None, ""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 6. Transition: self-check and self-debug, evaluation. Observation: accuracy with a CI, the trend, the cases.
-
-MAX_CALLS = 50  # executor calls one sample of a workflow may make
-REPAIR_ROUNDS = 3  # repairs of one sample: a pre-screen failure or a self-check error (paper)
-EVALUATED = ("ok", "discarded", "error")  # statuses of a sample that reached the validation split
-
-
-@dataclasses.dataclass
-class Evaluation:
-    accuracy: float
-    ci: tuple
-    n: int
-    failed: int  # samples that raised or timed out
-    cases: list  # per sample: id, question, got, extracted, expected, score, error
-
-
-def run_sample(box, example, executor, run):
-    """One validation/test sample of one workflow, in the sandbox. The gold answer never enters the child."""
-    out, got = solver_answer(box.run("__w4s_main__", example["question"], rpc=agent_rpc(executor, run.args.max_tokens),
-                                     timeout=run.args.timeout, max_calls=MAX_CALLS))
-    score = float(run.task.score(example, got)) if out.ok else 0.0
-    return dict(id=example["id"], question=example["question"], got=clip_middle(got, 2000) if out.ok else None,
-                extracted=clip(run.task.extract(example, got), 300) if out.ok else None,
-                expected=example["answer"], score=score, error=None if out.ok else clip(out.error, 1500))
-
-
-def evaluate_all(codes, examples, executor, run, desc="eval"):
-    """{name: Evaluation} for several workflows at once: every sample of every workflow is in flight together (up
-    to --concurrency), each in its own sandboxed process, so a local executor's batch fills up."""
-    with contextlib.ExitStack() as stack:
-        boxes = {n: stack.enter_context(sandbox.Sandbox(c, prelude=AGENT_PRELUDE)) for n, c in codes.items()}
-        futures = {n: [] for n in codes}
-        for ex in examples:  # example by example: no workflow's samples all wait at the back of the queue
-            for n in codes:
-                futures[n].append(run.pool.submit(run_sample, boxes[n], ex, executor, run))
-        for _ in progress([f for fs in futures.values() for f in fs], desc):
-            pass
-    if run.ledger.exhausted:
-        raise BudgetExhausted("budget reached during evaluation")
-    out = {}
-    for name, fs in futures.items():
-        cases = [f.result() for f in fs]
-        scores = [c["score"] for c in cases]
-        out[name] = Evaluation(sum(scores) / max(len(scores), 1), bootstrap_ci(scores, run.args.seed), len(cases),
-                               sum(c["error"] is not None for c in cases), cases)
-    return out
-
-
-def evaluate(code, examples, executor, run, desc="eval"):
-    return evaluate_all({"workflow": code}, examples, executor, run, desc)["workflow"]
-
-
-def progress(futures, desc):
-    from tqdm import tqdm
-    return tqdm(cf.as_completed(futures), total=len(futures), desc=f"  {desc}", leave=False, dynamic_ncols=True,
-                file=sys.stderr)
-
-
-def bootstrap_ci(scores, seed, rounds=1000):
-    """95 % percentile-bootstrap interval of the mean: validation sets here are small, so show the uncertainty."""
-    if not scores:
-        return (0.0, 0.0)
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choices(scores, k=len(scores))) / len(scores) for _ in range(rounds))
-    return (round(means[int(0.025 * rounds)], 4), round(means[int(0.975 * rounds) - 1], 4))
-
-
-def feedback_cases(ev, seed, k=10):
-    """Up to k validation cases for the meta-agent, failures first (they carry the signal)."""
-    rng = random.Random(seed)
-    bad = [c for c in ev.cases if c["score"] < 1]
-    good = [c for c in ev.cases if c["score"] >= 1]
-    rng.shuffle(bad)
-    rng.shuffle(good)
-    return [dict(question=c["question"], got=c["got"] or "", extracted=c["extracted"] or "", expected=c["expected"],
-                 correct=c["score"] >= 1, error=c["error"]) for c in (bad + good)[:k]]
-
-
-def transition(cand, known, meta, executor, run):
-    """From a pre-screened action to an evaluated candidate. The paper's self-check is the first validation sample,
-    run together with the rest of the split (a workflow that passed the dry runs nearly always passes it, and checking
-    it alone first cost one serial chain of executor calls per candidate). On an error there, self-debug: a repair
-    (repair()) shown the traceback with the workflow's own line numbers, then evaluate again, at most REPAIR_ROUNDS
-    times. A candidate at accuracy <= 0.05 is discarded (paper): no reward, and not trained on."""
-    for attempt in range(REPAIR_ROUNDS + 1):
-        ev = evaluate(cand["code"], run.val, executor, run, desc=f"candidate {cand['sample']}")
-        error = ev.cases[0]["error"]
-        if error is None:
-            status = "ok" if ev.accuracy > 0.05 else "discarded"
-            return dict(cand, status=status, ev=ev, reason="" if status == "ok" else
-                        f"validation accuracy {ev.accuracy:.2f}")
-        if attempt == REPAIR_ROUNDS or not repair(cand, f"Your workflow failed on a validation case:\n{error}",
-                                                  known, meta, run):
-            return dict(cand, status="error", reason=clip(error, 1500))
-
-
-def repair_messages(task, cand, failure, meta):
-    """A repair's short context (the authors' loop): the interface, the task, the failing reply's workflow (or the
-    reply itself, with no workflow in it) and what failed. A local meta-agent's repair starts inside the code block."""
-    shown = f"```python\n{cand['code'].strip()}\n```" if cand["code"] else clip(cand["action"], 3000)
-    ask = (f"# Interface the workflow may use\n{INTERFACE_DOC}\n\n# Task\n{task.DESCRIPTION}\n\n# Your reply\n"
-           f"{shown}\n\n{failure}\n\nFix it. Reply with only the whole corrected workflow: one ```python block that "
-           "defines solver(agent, task). Do not use try/except.")
-    messages = [{"role": "system", "content": META_SYSTEM}, {"role": "user", "content": ask}]
-    return messages + ([{"role": "assistant", "content": "```python\n"}] if meta.can_continue else [])
-
-
-def repair(cand, failure, known, meta, run):
-    """One repair round of a candidate: the meta-agent's fix must pass the same free pre-screen as any sample. On
-    success the candidate takes the fixed code, and its action becomes its own analysis followed by that code, under
-    its original state (what RLAO trains on, as the official pipeline splices it). Returns whether it passed."""
-    messages = repair_messages(run.task, cand, failure, meta)
-    reply = meta.chat(messages, temperature=0.7, max_tokens=run.args.meta_max_tokens,
-                      sample=cand["seed"] + 10000 * len(cand["debug"]), stop=META_STOP)  # a new draw each round
-    reply = messages[-1]["content"] + reply if messages[-1]["role"] == "assistant" else reply
-    code, status, reason = prescreen(reply, known, run.val[0], run.args.timeout)
-    cand["debug"].append(dict(code=cand["code"], error=failure, reply=reply))
-    if status:
-        cand.update(code=code or cand["code"], status=status, reason=reason)
-        return False
-    analysis = cand["first_action"].split("```")[0].strip()
-    cand.update(code=code, status=None, reason="", action=f"{analysis}\n\n```python\n{code.strip()}\n```")
-    return True
-
-
-META_STOP = ["\n```\n"]  # a small meta-agent rambles on after its block; stopping there saves most of a CPU turn
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 7. Reward
-
-def reward(acc, best, prev, form="discrete"):
-    """Discrete (paper): 1 if acc beats the episode's best, 0.5 if it beats the previous turn, else 0; -0.1 more
-    when acc < 0.3. Continuous: relative gain over the best, and 1 for any accuracy when the best is 0 (official)."""
-    if form == "continuous":
-        return (acc - best) / best if best > 0 else float(acc > 0)
-    r = 1.0 if acc > best else 0.5 if acc > prev else 0.0
-    return r - 0.1 if acc < 0.3 else r
-
-
-def trend(acc, prev):
-    if acc > prev:
-        return f"Validation accuracy increased from {prev:.2f} to {acc:.2f}."
-    if acc < prev:
-        return f"Validation accuracy decreased from {prev:.2f} to {acc:.2f}."
-    return f"Validation accuracy stayed at {acc:.2f}."
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 8. The loop: seeds, then turns of m evaluated candidates; best-of-m continues; episodes reset the conversation.
-
-def archive_entry(name, code, ev, seed):
-    return dict(name=name, code=code, val_accuracy=ev.accuracy, val_ci=ev.ci, cases=feedback_cases(ev, seed))
-
-
-@contextlib.contextmanager
-def phase(run, name):
-    """Wall seconds per phase of the run, for report.json; a model loaded meanwhile counts as model_load instead."""
-    t, load = time.time(), LLM.load_seconds
-    yield
-    run.phases[name] = run.phases.get(name, 0.0) + time.time() - t - (LLM.load_seconds - load)
-
-
-def evaluate_seeds(run, executor, log):
-    """The archive starts with the task's seed workflows, all evaluated at once on the validation split."""
-    seeds = {name: SEED_WORKFLOWS[name] for name in run.task.SEEDS}
-    seeds.update(getattr(run.task, "EXTRA_SEEDS", {}) or {})
-    with phase(run, "seed_evaluation"):
-        evs = evaluate_all(seeds, run.val, executor, run, desc=f"{len(seeds)} seeds")
-    archive = [archive_entry(name, code, evs[name], run.args.seed) for name, code in seeds.items()]
-    for w in archive:
-        log(f"seed {w['name']:12s} val {w['val_accuracy']:.2f} [{w['val_ci'][0]:.2f}, {w['val_ci'][1]:.2f}]  "
-            f"({evs[w['name']].failed} failed)")
-    return archive
-
-
-def new_episode(seed_archive, latest):
-    """The official reset: the seeds plus the latest generated workflow; the reward's best is fixed at the best of
-    these for the whole episode, and the previous turn is the latest workflow (the first seed before any)."""
-    archive = seed_archive + ([latest] if latest else [])
-    focus = latest or max(seed_archive, key=lambda w: w["val_accuracy"])
-    return dict(archive=archive, known=list(archive), focus=focus["name"], turns=[], parent=focus,
-                best=max(w["val_accuracy"] for w in archive), prev=(latest or seed_archive[0])["val_accuracy"])
-
-
-def play_turn(episode, meta, executor, run, it):
-    """One step of the MDP. Draw m actions; complete, pre-screen and repair them; take the transition of those that
-    passed (up to m evaluated in the turn, a pass past that is logged as "spare"); draw m more while fewer than m
-    passed or none was kept, up to 3m drawn. Reward each kept candidate against the episode's best and the previous
-    turn. Returns (every sample, the chosen one or None)."""
-    m, cands = run.args.samples, []
-    while len(cands) < 3 * m and not (sum(c["status"] in EVALUATED for c in cands) >= m and chosen_from(cands)):
-        new = draw_samples(meta, episode, run, it, first=len(cands), count=min(m, 3 * m - len(cands)))
-        complete_code(meta, new, run)
-        screen_and_repair(new, cands, episode["known"], meta, run)
-        evaluated = sum(c["status"] in EVALUATED for c in cands)
-        room = m - evaluated if evaluated < m else m  # (m evaluated but none kept: m more)
-        ready = [c for c in new if c["status"] is None]
-        for c in ready[room:]:
-            c.update(status="spare", reason=f"passed the pre-screen after {m} others had: not evaluated")
-        with phase(run, "candidate_check_and_evaluation"):
-            done = list(run.meta_pool.map(lambda c: transition(c, episode["known"], meta, executor, run),
-                                          ready[:room]))
-        for c, result in zip(ready, done):
-            c.update(result)
-        cands += new
-    for c in cands:
-        c["acc"] = c["ev"].accuracy if "ev" in c else None
-        c["cases"] = feedback_cases(c["ev"], run.args.seed) if "ev" in c else []
-        c["reward"] = reward(c["acc"], episode["best"], episode["prev"], run.args.reward) if c["status"] == "ok" else None
-    return cands, chosen_from(cands)
-
-
-def chosen_from(cands):
-    """Best-of-m: the kept candidate with the highest validation accuracy, or None."""
-    return max((c for c in cands if c["status"] == "ok"), key=lambda c: c["ev"].accuracy, default=None)
-
-
-def draw_samples(meta, episode, run, it, first, count):
-    """`count` fresh meta-agent samples on the fitted state, sample indices first, first + 1, ... of turn `it` (a
-    local model decodes them in one batch)."""
-    indices = range(first, first + count)
-    with phase(run, "meta_agent_generation"):
-        replies = list(run.meta_pool.map(lambda j: ask_meta(meta, episode, run, 100 * it + j), indices))
-    return [dict(sample=j, seed=100 * it + j, messages=messages, action=reply, first_action=reply, prefilled="",
-                 code=None, status=None, reason="", debug=[]) for j, (messages, reply) in zip(indices, replies)]
-
-
-def complete_code(meta, cands, run):
-    """On a meta-agent that can continue its own message (a local one), a reply that ended without a python block
-    goes on from its analysis into CODE_OPENING: the 1.5B stopped after its analysis in 14 of its 24 rejected
-    samples. The action becomes the analysis, the prefilled opening and what the model wrote after it."""
-    todo = [c for c in cands if meta.can_continue and not benchmarks.code_blocks(c["action"])]
-
-    def go(c):
-        opened = c["action"].rstrip() + "\n\n" + CODE_OPENING
-        more = meta.chat(c["messages"] + [{"role": "assistant", "content": opened}], temperature=0.7,
-                         max_tokens=run.args.meta_max_tokens, sample=c["seed"], stop=META_STOP)
-        c.update(action=opened + more, prefilled=CODE_OPENING)
-    with phase(run, "meta_agent_generation"):
-        list(run.meta_pool.map(go, todo))
-
-
-def screen_and_repair(new, earlier, known, meta, run):
-    """Pre-screen each new sample against the episode's workflows and this turn's earlier passes (a copy of either
-    teaches nothing), then repair the failures, all of them at once (a local model decodes them in one batch), at
-    most REPAIR_ROUNDS times; each repair is pre-screened again. Sets each sample's code, status and reason."""
-    def others():  # (a sample not screened yet has no code)
-        return known + [dict(name=f"sample {c['sample']} of this turn", code=c["code"]) for c in earlier + new
-                        if c["code"] and c["status"] in (None, "spare", *EVALUATED)]
-    for c in new:
-        c["code"], c["status"], c["reason"] = prescreen(c["action"], others(), run.val[0], run.args.timeout)
-    for _ in range(REPAIR_ROUNDS):
-        failed = [c for c in new if c["status"]]
-        if not failed:
-            break
-        with phase(run, "meta_agent_generation"):
-            list(run.meta_pool.map(lambda c: repair(c, f"Your workflow failed the check before evaluation: "
-                                                       f"{repair_hint(c)}", others(), meta, run), failed))
-
-
-def repair_hint(cand):
-    if cand["status"] == "near-copy":
-        return (f"it is a {cand['reason']}, which is already scored: evaluating it again teaches nothing. Change what "
-                "the workflow does (a check of the answer, a vote over samples, a program run with "
-                "agent.execute_code, a plan first).")
-    return cand["reason"]
-
-
-def continue_episode(episode, chosen, name, seed):
-    """The conversation goes on with the chosen action and its feedback, and the chosen workflow joins the archive;
-    returns its archive entry. With none chosen the conversation stays as it was: a rejected or discarded reply
-    shown as the meta-agent's own turn was copied by it (7 of 9 samples of the next turn)."""
-    if not chosen:
-        return None
-    episode["turns"].append(dict(action=chosen["action"], acc=chosen["acc"], reason="", ci=chosen["ev"].ci,
-                                 prev=episode["prev"], cases=chosen["cases"]))
-    entry = archive_entry(name, chosen["code"], chosen["ev"], seed)
-    episode.update(prev=chosen["acc"], parent=entry)
-    episode["known"].append(entry)
-    return entry
-
-
-def optimize(run, executor, meta, log):
-    """The W4S loop as a generator: it yields the evaluated seed archive, then one record per turn (every sample
-    drawn, the chosen one, the best so far). The caller persists them; nothing here writes a file."""
-    seed_archive = evaluate_seeds(run, executor, log)
-    best, latest = max(seed_archive, key=lambda w: w["val_accuracy"]), None
-    yield dict(seeds=seed_archive, best=best)
-    for it in range(1, run.args.iterations + 1):
-        n_episode, turn = divmod(it - 1, run.args.context_window)
-        if turn == 0:
-            episode = new_episode(seed_archive, latest)
-        parent = episode["parent"]["name"]
-        cands, chosen = play_turn(episode, meta, executor, run, it)
-        latest = continue_episode(episode, chosen, f"iteration{it}", run.args.seed) or latest
-        if chosen and chosen["acc"] > best["val_accuracy"]:
-            best = latest
-        yield dict(iteration=it, episode=n_episode, turn=turn + 1, parent=parent, candidates=cands, chosen=chosen,
-                   best=best)
-
-
-def score_on_test(run, executor, seed_archive, best, log):
-    """The held-out test split, scored once at the end (never seen before): the best workflow and the best seed,
-    or every seed with --test-all-seeds, all at once."""
-    best_seed = max(seed_archive, key=lambda w: w["val_accuracy"])
-    chosen = seed_archive if run.args.test_all_seeds else [best_seed]
-    workflows = {w["name"]: w["code"] for w in chosen + ([best] if best not in chosen else [])}
-    with phase(run, "test_scoring"):
-        evs = evaluate_all(workflows, run.test, executor, run, desc=f"test split, {len(workflows)} workflows")
-    for name, ev in evs.items():
-        log(f"test {name:12s} {ev.accuracy:.2f} [{ev.ci[0]:.2f}, {ev.ci[1]:.2f}]  (n={ev.n})")
-    return {name: dict(accuracy=ev.accuracy, ci=ev.ci, n=ev.n, failed=ev.failed) for name, ev in evs.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 9. Outputs: trajectory rows, report.json (atomic), best_workflow.py; report.py writes the files (trajectory.jsonl,
-#    curve.png, report.html)
+# --------------------------------------------------------------------------------------------------------------------
+# 9. Run records: trajectory rows, report.json (atomic), best_workflow.py; report.py writes the files
+#    (trajectory.jsonl, curve.png, report.html)
 
 def save_report(run, result, status):
     """report.json (atomic) and best_workflow.py from what the loop has yielded so far, plus curve.png."""
@@ -960,21 +1011,19 @@ def trajectory_rows(run, record):
     """RLAO's training data: one row per sample of a turn, evaluated or not, with the state it was drawn in."""
     for c in record["candidates"]:
         yield dict(run=os.path.basename(os.path.normpath(run.out)), task=run.args.task, episode=record["episode"],
-                   turn=record["turn"], iteration=record["iteration"], sample=c["sample"], parent=record["parent"],
-                   messages=c["messages"], action=c["action"], first_action=c["first_action"],
-                   prefilled=c["prefilled"], code=c["code"],
-                   status=c["status"], reason=c["reason"], val_accuracy=c["acc"], reward=c["reward"],
-                   chosen=c is record["chosen"], cases=c["cases"], debug=c["debug"])
+                   turn=record["turn"], iteration=record["iteration"], sample=c.sample, parent=record["parent"],
+                   messages=c.messages, action=c.action, first_action=c.first_action, prefilled=c.prefilled,
+                   code=c.code, status=c.status, reason=c.reason, val_accuracy=c.acc, reward=c.reward,
+                   chosen=c is record["chosen"], cases=c.cases, debug=c.debug)
 
 
 def history_entry(record):
     cands, chosen = record["candidates"], record["chosen"]
-    return dict(iteration=record["iteration"], accuracies=[c["acc"] for c in cands],
-                chosen=chosen["acc"] if chosen else None, best=record["best"]["val_accuracy"], drawn=len(cands),
-                evaluated=sum(c["acc"] is not None for c in cands), prefilled=sum(bool(c["prefilled"]) for c in cands),
-                repaired=sum(bool(c["debug"]) and c["acc"] is not None for c in cands),
-                pasted=sum(pastes_the_format(c["first_action"]) for c in cands),
-                rejected=dict(collections.Counter(c["status"] for c in cands if c["status"] not in ("ok", "discarded"))))
+    return dict(iteration=record["iteration"], accuracies=[c.acc for c in cands], chosen=chosen.acc if chosen else None,
+                best=record["best"]["val_accuracy"], drawn=len(cands), evaluated=sum(c.acc is not None for c in cands),
+                prefilled=sum(bool(c.prefilled) for c in cands), repaired=sum(bool(c.debug and c.ev) for c in cands),
+                pasted=sum(pastes_the_format(c.first_action) for c in cands),
+                rejected=dict(collections.Counter(c.status for c in cands if c.status not in ("ok", "discarded"))))
 
 
 FORMAT_WORDS = {tuple(words[i:i + 6]) for text in (OUTPUT_FORMAT, NEXT_TURN) for words in [text.split()]
@@ -989,15 +1038,15 @@ def pastes_the_format(reply):
 
 def turn_summary(record, iterations, eta):
     cands, chosen, best = record["candidates"], record["chosen"], record["best"]
-    summary = ", ".join(c["status"] + (f" {c['acc']:.2f}" if c["acc"] is not None else "") for c in cands)
+    summary = ", ".join(c.status + (f" {c.acc:.2f}" if c.acc is not None else "") for c in cands)
     return (f"iteration {record['iteration']}/{iterations} (episode {record['episode']}, turn {record['turn']}): "
             f"{len(cands)} drawn [{summary}] -> "
-            + (f"chose {chosen['acc']:.2f} (reward {chosen['reward']:+.1f})" if chosen else
+            + (f"chose {chosen.acc:.2f} (reward {chosen.reward:+.1f})" if chosen else
                "nothing kept: the conversation goes on from its last kept turn")
             + f"; best {best['val_accuracy']:.2f} ({best['name']}); ETA {eta / 60:.1f} min")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 # CLI
 
 VERSION = 3  # bump when the trajectory/report format changes: --resume refuses a run of another version
