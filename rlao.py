@@ -45,7 +45,7 @@ produced, so the data is close to on-policy), a value function, sequence packing
 padding back, see the log line), resuming an --fsdp run mid-way, and models whose logits are not a plain linear map
 of the last hidden state (soft-capping).
 """
-import argparse, contextlib, copy, hashlib, json, math, os, random, re, shlex, subprocess, sys, time
+import argparse, contextlib, copy, dataclasses, hashlib, json, math, os, random, shlex, subprocess, sys, time
 from collections import Counter, defaultdict
 from datetime import timedelta
 from pathlib import Path
@@ -250,86 +250,6 @@ def collate(items, pad_id, device):
         ids[b, :L], attn[b, :L], is_action[b, x["n_prompt"]:L] = torch.tensor(x["ids"]), 1, True
     return ids.to(device), attn.to(device), is_action.to(device)
 
-# ------------------------------------------------------------------------------------- the free pre-screen (no executor)
-def load_states(paths):
-    """The distinct meta-agent states logged in these w4s runs, each with what w4s.prescreen needs: the workflows the
-    state shows (a reply that nearly copies one of them, or a seed, is a near-copy) and the run's first validation
-    question (for the dry run, as w4s.py does)."""
-    import w4s
-    states, examples = {}, {}
-    for f, _, rec in trajectory_rows(paths):
-        key = json.dumps(rec.get("messages"))
-        if not rec.get("messages") or key in states:
-            continue
-        if f not in examples:
-            examples[f] = first_val_example(f.parent / "config.json")
-        shown = [b for m in rec["messages"] for b in re.findall(r"```python\n(.*?)\n```", m["content"], re.S)]
-        known = [dict(name="a seed", code=c) for c in w4s.SEED_WORKFLOWS.values()] + \
-                [dict(name="a workflow the state shows", code=c) for c in shown]
-        states[key] = dict(messages=rec["messages"], task=rec.get("task"), known=known, example=examples[f])
-    return list(states.values())
-
-def first_val_example(config_file):
-    """cfg.val[0] of the w4s run that wrote config_file: the same fixed validation sample w4s.py draws."""
-    import benchmarks
-    cfg = json.loads(config_file.read_text())
-    val = benchmarks.get_task(cfg["task"], cfg.get("scorer"), cfg.get("description")).load("val")
-    return random.Random(cfg["seed"]).sample(val, min(cfg["val_size"], len(val)))[0]
-
-def sample_and_screen(spec, states, k, max_tokens):
-    """K sampled actions on each state (temperature 0.7, sample seeds 0..K-1, through w4s's LLM class: any meta-agent
-    spec, cached), each pre-screened against the state's workflows only (not against its sibling samples, so each
-    action's status is its own). Returns one row per action in trajectory.jsonl's shape, status None if it passed."""
-    import llm, w4s
-    meta = llm.LLM(spec, "meta_agent", llm.Ledger(), llm.Cache(os.path.join(llm.cache_root(), "calls.sqlite")))
-
-    def one(job):
-        s, j = job
-        reply = meta.chat(s["messages"], temperature=0.7, max_tokens=max_tokens, sample=j, stop=w4s.META_STOP)
-        code, status, reason = w4s.prescreen(reply, s["known"], s["example"], timeout=10)
-        return dict(task=s["task"], messages=s["messages"], action=reply, sample=j, status=status, reason=reason,
-                    reward=0.0, warmup_pass=status is None)
-
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(32) as pool:  # a local model batches them (llm.LocalEngine): one prefill per state
-        return list(pool.map(one, [(s, j) for s in states for j in range(k)]))
-
-def wilson(passed, n, z=1.96):
-    """95% Wilson score interval of a pass rate (treats the K samples of a state as independent)."""
-    if n == 0:
-        return 0.0, 1.0
-    p, d = passed / n, 1 + z * z / n
-    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-def screen_summary(rows):
-    passed = sum(r["status"] is None for r in rows)
-    lo, hi = wilson(passed, len(rows))
-    return dict(pass_rate=passed / max(1, len(rows)), ci=[round(lo, 4), round(hi, 4)], passed=passed, n=len(rows),
-                states=len({json.dumps(r["messages"]) for r in rows}),
-                status=dict(sorted(Counter(r["status"] or "passed" for r in rows).items())))
-
-def run_screen(args):
-    """--screen FILE: sample --screen-k actions on every state logged in --data, pre-screen them, write the rows."""
-    states = load_states(args.data)
-    if not states:
-        die(f"no meta-agent states in {args.data}")
-    t0 = time.time()
-    rows = sample_and_screen(args.init, states, args.screen_k, args.meta_max_tokens)
-    summary = dict(screen_summary(rows), seconds=round(time.time() - t0, 1), peak_rss_gib=peak_rss_gib())
-    with open(args.screen, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(dict(r, run=f"screen:{args.init}", iteration=f"state{i // args.screen_k}")) + "\n"
-                     for i, r in enumerate(rows))
-    Path(args.screen).with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"rlao: pre-screen pass rate of {args.init}: {summary['passed']}/{summary['n']} = {summary['pass_rate']:.3f} "
-          f"[{summary['ci'][0]:.3f}, {summary['ci'][1]:.3f}] over {summary['states']} states x {args.screen_k}; "
-          f"{summary['status']}; {summary['seconds']:.0f} s, peak RSS {summary['peak_rss_gib']} GiB", flush=True)
-    return summary
-
-def peak_rss_gib():
-    import resource
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-
 # ----------------------------------------------------------------------------------------------------------- loss
 def rwr_weights(rewards, tau):
     """w_i = exp(r_i/tau), normalised to mean 1 over the whole training set. (Normalising inside each batch would
@@ -506,6 +426,10 @@ def setup_distributed():
         torch.cuda.set_device(local)
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
+def peak_rss_gib():
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
 def use_bf16(precision, device):
     if precision != "auto":
         return precision == "bf16"
@@ -513,18 +437,24 @@ def use_bf16(precision, device):
     return device.type == "cuda" or llm.cpu_has_bf16()
 
 # ------------------------------------------------------------------------------------------------------ training
-def train(args, rank=0, world=1, device=torch.device("cpu")):
-    log = (lambda *m: print(*m, flush=True)) if rank == 0 else (lambda *m: None)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state_file = out / "train_state.pt"
-    state = torch.load(state_file, map_location="cpu") if args.resume and state_file.exists() else None
-    if state and state["step"] >= args.steps:
-        log(f"rlao: {out} already trained for {state['step']} steps")
-        return
-    torch.manual_seed(args.seed)
+@dataclasses.dataclass
+class Policy:
+    """pi_theta as the training loop holds it: the model (+ LoRA), the module that gives action log-probs (`policy`,
+    wrapped for DDP / FSDP2 in `ddp`), the frozen initial copy pi_ref for a full fine-tune's KL penalty, and the
+    trainable parameters with their fp32 master copies (`master` is `params` itself without separate copies)."""
+    model: nn.Module
+    tok: object
+    policy: nn.Module
+    ddp: nn.Module
+    ref: nn.Module | None
+    named: list  # (name, parameter) of the trainable ones
+    params: list
+    master: list
+    copies: bool  # bf16 weights stepped through fp32 master copies (step_one_at_a_time)
+    bf16: bool
 
-    # 1. data: logged actions -> (state, action, reward, advantage), filtered, split by run
+def load_data(args):
+    """Step 1: logged actions -> (state, action, reward, advantage), filtered by --keep, split by run."""
     if not args.data:
         die("no --data given (w4s run dirs or trajectory.jsonl files)")
     if args.invalid_reward is not None and args.objective != "pg":
@@ -533,12 +463,13 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
     group_advantages(examples, args.pg_std)
     kept = keep_examples(examples, args.keep)
     if not kept:
-        die(f"no examples left after filtering ({len(examples)} evaluated actions loaded, --keep {args.keep}); "
-            "actions that never reached evaluation (copies, no workflow, broken) are left out unless "
+        die(f"no examples left after filtering ({len(examples)} kept actions loaded, --keep {args.keep}); "
+            "actions that were not kept (copies, no workflow, broken, discarded) are left out unless "
             "--objective pg --invalid-reward R")
-    train_ex, val_ex = split_by_run(kept, args.val_frac, args.seed)
+    return examples, kept, *split_by_run(kept, args.val_frac, args.seed)
 
-    # 2. the policy pi_theta (+ LoRA), its frozen initial copy pi_ref for the KL penalty
+def build_policy(args, world, device):
+    """Step 2: the policy pi_theta (+ LoRA), its frozen initial copy pi_ref for the KL penalty, master weights."""
     bf16 = use_bf16(args.precision, device)
     # FSDP2 keeps the fp32 weights sharded (they are the master weights) and computes in bf16 (MixedPrecisionPolicy)
     dtype = torch.bfloat16 if bf16 and not args.fsdp else torch.float32
@@ -555,148 +486,258 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
     policy = ActionLogProbs(model)
     ddp = shard(policy, model, bf16) if args.fsdp else nn.parallel.DistributedDataParallel(
         policy, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else policy
-    trainable_named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in trainable_named]
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     # bf16: the optimiser steps fp32 master copies (a bf16 weight would round most small updates away); on these
     # CPUs pure bf16 trains several times faster than fp32 or autocast over fp32
     copies = bf16 and not args.fsdp
     master = [p.detach().float().clone() for p in params] if copies else params
+    return Policy(model, tok, policy, ddp, ref, named, params, master, copies, bf16)
 
-    # 3. tokenise with the chat template; length-sorted micro-batches
+def encode_all(args, tok, train_ex, val_ex):
+    """Step 3: tokenise with the chat template; each training example's loss coefficient c (the rwr weight or the pg
+    advantage, times its task's share)."""
     enc = lambda exs: [x for x in (encode(tok, e, args.max_len) for e in exs) if x is not None]
     data, val = enc(train_ex), enc(val_ex)
     if not data:
         die(f"no training examples left (all {len(train_ex)} longer than --max-len {args.max_len}?)")
-    lengths = [len(x["ids"]) for x in data]
     c = rwr_weights([x["reward"] for x in data], args.tau) if args.objective == "rwr" else [x["advantage"] for x in data]
     share = task_shares([x["task"] for x in data])
     for x, ci in zip(data, c):
         x["c"] = float(ci) * share[x["task"]]
+    return data, val
+
+def lr_at(args, step):
+    """Linear warmup, then cosine down to min_lr_frac * lr."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+def micro_batches(args, lengths):
+    """The same endless stream of length-sorted micro-batches on every process; each takes its own share per step."""
+    epoch = 0
+    while True:
+        yield from make_batches(lengths, args.batch_size, args.seed + epoch, not args.no_sort)
+        epoch += 1
+
+def restore(args, p, opt, state, state_file, log):
+    """--resume: the trainable weights and the optimiser state as saved; returns the step to continue from."""
+    if not state:
+        return 0
+    if state["optimizer"] is None:
+        die(f"{state_file} is from an --fsdp run stopped mid-way: resuming one is not supported (start anew)")
+    for m, w, v in zip(p.master, p.params, state["trainable"].values()):
+        m.data.copy_(v)
+        w.data.copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    log(f"rlao: resumed from {state_file} at step {state['step']}")
+    return state["step"]
+
+def accumulate(args, p, data, mbs, rank, world, device):
+    """One optimiser step's forward and backward passes: this process's share of the step's micro-batches, each
+    loss scaled as its share of the step (rlao_loss). Returns (this process's summed loss, tokens seen)."""
+    n, pad_id = sum(len(b) for b in mbs), p.tok.pad_token_id or 0
+    step_loss, n_tok = torch.zeros((), device=device), 0
+    mine = list(range(rank, len(mbs), world))
+    for k, j in enumerate(mine):
+        batch = collate([data[i] for i in mbs[j]], pad_id, device)
+        c = torch.tensor([data[i]["c"] for i in mbs[j]], device=device)
+        last_mb = k == len(mine) - 1
+        if args.fsdp:  # reduce-scatter the gradients once per step, on the last micro-batch
+            p.ddp.set_requires_gradient_sync(last_mb)
+        sync = p.ddp.no_sync() if world > 1 and not args.fsdp and not last_mb else contextlib.nullcontext()
+        with sync:
+            logp, mask = p.ddp(*batch)
+            ref_logp = None
+            if args.kl > 0:
+                with torch.no_grad(), (adapters_off(p.model) if args.lora_r else contextlib.nullcontext()):
+                    ref_logp = (ActionLogProbs(p.ref) if p.ref is not None else p.policy)(*batch)[0]
+            loss = rlao_loss(logp, mask, c, n, ref_logp, args.kl)
+            (loss * world).backward()  # DDP averages gradients over processes; the step's loss is their sum
+        step_loss += loss.detach()
+        n_tok += int(batch[1].sum())
+    return step_loss, n_tok
+
+def optimizer_step(args, p, opt):
+    if p.copies:
+        step_one_at_a_time(opt, p.master, p.params, args.grad_clip)
+        return
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(p.master, args.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+@torch.no_grad()
+def val_nll(args, p, val, rank, world, device):
+    """Mean NLL per action token on the held-out runs, sharded over processes."""
+    if not val:
+        return None
+    tot = torch.zeros(2, device=device)
+    vlen = [len(x["ids"]) for x in val]
+    for b in make_batches(vlen, args.batch_size, 0)[rank::world]:
+        logp, mask = p.policy(*collate([val[i] for i in b], p.tok.pad_token_id or 0, device))
+        tot += torch.stack([-(logp * mask).sum(), mask.sum()])
+    if world > 1:
+        dist.all_reduce(tot)
+    return (tot[0] / tot[1].clamp(min=1)).item()
+
+def save(args, p, opt, step, out, state_file, rank, world):
+    """The HF checkpoint and train_state.pt (step, optimiser, trainable weights); under FSDP2 every rank gathers."""
+    full = {k: full_tensor(v) for k, v in p.model.state_dict().items()} if args.fsdp else None
+    if rank == 0:
+        save_checkpoint(p.model, p.tok, out, state_dict=full)
+        torch.save(dict(step=step, optimizer=None if args.fsdp else opt.state_dict(), args=vars(args),
+                        trainable={k: full[k] if full else m.detach().cpu() for (k, _), m in zip(p.named, p.master)}),
+                   state_file)
+    if world > 1:
+        dist.barrier()
+
+def train(args, rank=0, world=1, device=torch.device("cpu")):
+    """RLAO training, steps 1-5: data, policy, tokens, optimiser, the loop. A step = M = grad_accum * world
+    micro-batches; its loss is the mean over all their examples."""
+    log = (lambda *m: print(*m, flush=True)) if rank == 0 else (lambda *m: None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "train_state.pt"
+    state = torch.load(state_file, map_location="cpu") if args.resume and state_file.exists() else None
+    if state and state["step"] >= args.steps:
+        log(f"rlao: {out} already trained for {state['step']} steps")
+        return
+    torch.manual_seed(args.seed)
+    examples, kept, train_ex, val_ex = load_data(args)
+    p = build_policy(args, world, device)
+    data, val = encode_all(args, p.tok, train_ex, val_ex)
+    lengths = [len(x["ids"]) for x in data]
     pads = [padding_fraction(make_batches(lengths, args.batch_size, args.seed, s), lengths) for s in (True, False)]
     log(f"rlao: {len(data)} train / {len(val)} val examples ({len(examples)} loaded, {len(kept)} kept by --keep "
         f"{args.keep}, {len(train_ex) + len(val_ex) - len(data) - len(val)} too long); mean length "
         f"{sum(lengths) / len(lengths):.0f} tokens; padding {pads[0]:.1%} length-sorted vs {pads[1]:.1%} random; "
-        f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable params; {'bf16' if bf16 else 'fp32'} on {device}, "
+        f"{sum(w.numel() for w in p.params) / 1e6:.2f}M trainable params; {'bf16' if p.bf16 else 'fp32'} on {device}, "
         f"{world} process(es){', FSDP2' if args.fsdp else ''}")
-
-    # 4. optimiser; resume
-    # FSDP2 is for models that barely fit: foreach AdamW's temporaries (a copy of the update of every shard at once)
-    # put the 7B over one H200's 140 GiB
-    opt = torch.optim.AdamW(master, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95),
+    # step 4: FSDP2 is for models that barely fit: foreach AdamW's temporaries (a copy of the update of every shard at
+    # once) put the 7B over one H200's 140 GiB
+    opt = torch.optim.AdamW(p.master, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95),
                             foreach=False if args.fsdp else None)
-    start = 0
-    if state:
-        if state["optimizer"] is None:
-            die(f"{state_file} is from an --fsdp run stopped mid-way: resuming one is not supported (start anew)")
-        for m, p, v in zip(master, params, state["trainable"].values()):
-            m.data.copy_(v)
-            p.data.copy_(v)
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-        log(f"rlao: resumed from {state_file} at step {start}")
-
-    def lr_at(step):  # linear warmup, then cosine down to min_lr_frac * lr
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        t = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
-
-    def micro_batches():  # the same endless stream on every process; each takes its own share per step
-        epoch = 0
-        while True:
-            yield from make_batches(lengths, args.batch_size, args.seed + epoch, not args.no_sort)
-            epoch += 1
-
-    @torch.no_grad()
-    def val_nll():  # mean NLL per action token on the held-out runs, sharded over processes
-        if not val:
-            return None
-        tot = torch.zeros(2, device=device)
-        vlen = [len(x["ids"]) for x in val]
-        for b in make_batches(vlen, args.batch_size, 0)[rank::world]:
-            logp, mask = policy(*collate([val[i] for i in b], tok.pad_token_id or 0, device))
-            tot += torch.stack([-(logp * mask).sum(), mask.sum()])
-        if world > 1:
-            dist.all_reduce(tot)
-        return (tot[0] / tot[1].clamp(min=1)).item()
-
-    def save(step):
-        full = {k: full_tensor(v) for k, v in model.state_dict().items()} if args.fsdp else None  # all ranks gather
-        if rank == 0:
-            save_checkpoint(model, tok, out, state_dict=full)
-            torch.save(dict(step=step, optimizer=None if args.fsdp else opt.state_dict(), args=vars(args),
-                            trainable={k: full[k] if full else m.detach().cpu()
-                                       for (k, _), m in zip(trainable_named, master)}),
-                       state_file)
-        if world > 1:
-            dist.barrier()
-
-    # 5. the loop: a step = M = grad_accum * world micro-batches; its loss is the mean over all their examples
+    start = restore(args, p, opt, state, state_file, log)
     from tqdm import tqdm
-    M, stream, pad_id = args.grad_accum * world, micro_batches(), tok.pad_token_id or 0
+    M, stream = args.grad_accum * world, micro_batches(args, lengths)
     for _ in range(start * M):
         next(stream)
     logf = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc="rlao")
-    for step in bar:
-        t0, n_tok = time.time(), 0
+    for step in bar:  # step 5: the loop
+        t0 = time.time()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        mbs = [next(stream) for _ in range(M)]
-        n = sum(len(b) for b in mbs)
-        step_loss = torch.zeros((), device=device)
-        mine = list(range(rank, M, world))
-        for k, j in enumerate(mine):
-            batch = collate([data[i] for i in mbs[j]], pad_id, device)
-            c = torch.tensor([data[i]["c"] for i in mbs[j]], device=device)
-            last_mb = k == len(mine) - 1
-            if args.fsdp:  # reduce-scatter the gradients once per step, on the last micro-batch
-                ddp.set_requires_gradient_sync(last_mb)
-            sync = ddp.no_sync() if world > 1 and not args.fsdp and not last_mb else contextlib.nullcontext()
-            with sync:
-                logp, mask = ddp(*batch)
-                ref_logp = None
-                if args.kl > 0:
-                    with torch.no_grad(), (adapters_off(model) if args.lora_r else contextlib.nullcontext()):
-                        ref_logp = (ActionLogProbs(ref) if ref is not None else policy)(*batch)[0]
-                loss = rlao_loss(logp, mask, c, n, ref_logp, args.kl)
-                (loss * world).backward()  # DDP averages gradients over processes; the step's loss is their sum
-            step_loss += loss.detach()
-            n_tok += int(batch[1].sum())
-        if copies:
-            step_one_at_a_time(opt, master, params, args.grad_clip)
-        else:
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(master, args.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            g["lr"] = lr_at(args, step)
+        step_loss, n_tok = accumulate(args, p, data, [next(stream) for _ in range(M)], rank, world, device)
+        optimizer_step(args, p, opt)
         if world > 1:
             dist.all_reduce(step_loss)
         tok_s = n_tok * world / (time.time() - t0)  # this step's (prompt + action) tokens, all processes
-        rec = dict(step=step + 1, loss=step_loss.item(), lr=lr_at(step), tok_s=round(tok_s, 1),
+        rec = dict(step=step + 1, loss=step_loss.item(), lr=lr_at(args, step), tok_s=round(tok_s, 1),
                    peak_rss_gib=peak_rss_gib())
         if device.type == "cuda":
             rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         last = step + 1 == args.steps
         if (args.eval_every and (step + 1) % args.eval_every == 0) or last:
-            rec["val_nll"] = val_nll()
+            rec["val_nll"] = val_nll(args, p, val, rank, world, device)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{rec['lr']:.2e}",
                         rss=f"{rec['peak_rss_gib']}G")
         if logf:
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
-            if "val_nll" in rec and rec["val_nll"] is not None:
+            if rec.get("val_nll") is not None:
                 bar.write(f"step {step + 1}: loss {rec['loss']:.4f}, val NLL/token {rec['val_nll']:.4f}")
         if (args.save_every and (step + 1) % args.save_every == 0) or last:
-            save(step + 1)
+            save(args, p, opt, step + 1, out, state_file, rank, world)
     if world > 1:  # a cheap guard against silent desynchronisation
-        digest = hashlib.sha256(b"".join(full_tensor(p).numpy().tobytes() for p in params)).hexdigest()[:16]
+        digest = hashlib.sha256(b"".join(full_tensor(w).numpy().tobytes() for w in p.params)).hexdigest()[:16]
         digests = [None] * world
         dist.all_gather_object(digests, digest)
         log(f"rlao: ranks agree on weights: {len(set(digests)) == 1} ({digest})")
     log(f"rlao: saved {out} (use --meta-agent hf:{out}); peak RSS of this process {peak_rss_gib()} GiB"
         + (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""))
 
+# ================================================================================================================
+# The experiment harness (not the trainer): the free pre-screen pass rate (--screen) and the seen -> unseen rounds
+# -------------------------------------------------------------------------------- the free pre-screen (no executor)
+def load_states(paths):
+    """The distinct meta-agent states logged in these w4s runs, each with what w4s.prescreen needs: the workflows the
+    state shows (a reply that nearly copies one of them, or a seed, is a near-copy) and the run's first validation
+    question (for the dry run, as w4s.py does)."""
+    import benchmarks, w4s
+    states, examples = {}, {}
+    for f, _, rec in trajectory_rows(paths):
+        key = json.dumps(rec.get("messages"))
+        if not rec.get("messages") or key in states:
+            continue
+        if f not in examples:
+            examples[f] = first_val_example(f.parent / "config.json")
+        shown = [b for m in rec["messages"] for b in benchmarks.code_blocks(m["content"])]
+        known = [dict(name="a seed", code=c) for c in w4s.SEED_WORKFLOWS.values()] + \
+                [dict(name="a workflow the state shows", code=c) for c in shown]
+        states[key] = dict(messages=rec["messages"], task=rec.get("task"), known=known, example=examples[f])
+    return list(states.values())
+
+def first_val_example(config_file):
+    """cfg.val[0] of the w4s run that wrote config_file: the same fixed validation sample w4s.py draws."""
+    import benchmarks, w4s
+    cfg = json.loads(config_file.read_text())
+    val = benchmarks.get_task(cfg["task"], cfg.get("scorer"), cfg.get("description")).load("val")
+    return w4s.validation_split(val, cfg["seed"], cfg["val_size"])[0]
+
+def sample_and_screen(spec, states, k, max_tokens):
+    """K sampled actions on each state (temperature 0.7, sample seeds 0..K-1, through w4s's LLM class: any meta-agent
+    spec, cached), each pre-screened against the state's workflows only (not against its sibling samples, so each
+    action's status is its own). Returns one row per action in trajectory.jsonl's shape, status None if it passed."""
+    import llm, w4s
+    meta = llm.LLM(spec, "meta_agent", llm.Ledger(), llm.Cache(os.path.join(llm.cache_root(), "calls.sqlite")))
+
+    def one(job):
+        s, j = job
+        reply = meta.chat(s["messages"], temperature=0.7, max_tokens=max_tokens, sample=j, stop=w4s.META_STOP)
+        code, status, reason = w4s.prescreen(reply, s["known"], s["example"], timeout=10)
+        return dict(task=s["task"], messages=s["messages"], action=reply, sample=j, status=status, reason=reason,
+                    reward=0.0, warmup_pass=status is None)
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(32) as pool:  # a local model batches them (llm.LocalEngine): one prefill per state
+        return list(pool.map(one, [(s, j) for s in states for j in range(k)]))
+
+def wilson(passed, n, z=1.96):
+    """95% Wilson score interval of a pass rate (treats the K samples of a state as independent)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, d = passed / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+def screen_summary(rows):
+    passed = sum(r["status"] is None for r in rows)
+    lo, hi = wilson(passed, len(rows))
+    return dict(pass_rate=passed / max(1, len(rows)), ci=[round(lo, 4), round(hi, 4)], passed=passed, n=len(rows),
+                states=len({json.dumps(r["messages"]) for r in rows}),
+                status=dict(sorted(Counter(r["status"] or "passed" for r in rows).items())))
+
+def run_screen(args):
+    """--screen FILE: sample --screen-k actions on every state logged in --data, pre-screen them, write the rows."""
+    states = load_states(args.data)
+    if not states:
+        die(f"no meta-agent states in {args.data}")
+    t0 = time.time()
+    rows = sample_and_screen(args.init, states, args.screen_k, args.meta_max_tokens)
+    summary = dict(screen_summary(rows), seconds=round(time.time() - t0, 1), peak_rss_gib=peak_rss_gib())
+    with open(args.screen, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(dict(r, run=f"screen:{args.init}", iteration=f"state{i // args.screen_k}")) + "\n"
+                     for i, r in enumerate(rows))
+    Path(args.screen).with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"rlao: pre-screen pass rate of {args.init}: {summary['passed']}/{summary['n']} = {summary['pass_rate']:.3f} "
+          f"[{summary['ci'][0]:.3f}, {summary['ci'][1]:.3f}] over {summary['states']} states x {args.screen_k}; "
+          f"{summary['status']}; {summary['seconds']:.0f} s, peak RSS {summary['peak_rss_gib']} GiB", flush=True)
+    return summary
+
+# ----------------------------------------------------------------------------------------- seen -> unseen rounds
 def run_rounds(args, rank, world, device):
     """--rounds R, the seen -> unseen experiment. Each policy pi_0 (= --init), ..., pi_R is first measured on the
     unseen --eval-task (never trained on); then, for k < R: collect with pi_k on every seen task (w4s.py, validation
@@ -806,11 +847,9 @@ def print_rounds(history):
         print(f"rlao: {h['round']:5d} | {s['pass_rate']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] ({s['n']}) | {fig2} | "
               + train_cell(h.get("train", {})), flush=True)
 
-
 def train_cell(t):
     """The training column of a round: its time and memory, or why it was skipped."""
     return f"{t['seconds']} s, peak RSS {t['peak_rss_gib']} GiB" if "seconds" in t else t.get("skipped", "-")
-
 
 def main(argv=None):
     args = get_args(argv)

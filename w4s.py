@@ -1084,7 +1084,7 @@ def setup(args):
         raise UserError(f"task {args.task} has no validation examples")
     ledger = Ledger(args.budget_usd, args.max_calls, prices_for(args))
     run = Run(args=args, task=task, splits=dict(val=val, test=test), ledger=ledger,
-              val=random.Random(args.seed).sample(val, min(args.val_size, len(val))),
+              val=validation_split(val, args.seed, args.val_size),
               test=random.Random(args.seed + 1).sample(test, min(args.test_size, len(test))),
               pool=cf.ThreadPoolExecutor(args.concurrency), meta_pool=cf.ThreadPoolExecutor(max(2 * args.samples, 1)),
               out=args.out or os.path.join("runs", f"{args.task.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"),
@@ -1093,6 +1093,11 @@ def setup(args):
     executor = LLM(args.executor, "executor", ledger, cache, args.concurrency)
     meta = LLM(args.meta_agent, "meta_agent", ledger, cache, args.concurrency)
     return run, executor, meta
+
+
+def validation_split(rows, seed, size):
+    """The run's fixed validation examples (rlao.py finds a run's first one, the dry runs' question, with this)."""
+    return random.Random(seed).sample(rows, min(size, len(rows)))
 
 
 def saved_config(run):
