@@ -33,16 +33,17 @@ Departures from the paper:
     workflow that improved nothing (rejection-sampling fine-tuning: rwr weights them like plain fine-tuning). Once
     evaluated candidates exist, they are trained on with the paper's objective and weight (exp(r/tau): a reward-1
     action weighs e^2.5 = 12x a pre-screen pass); warm-up data of earlier rounds stays in the data.
-The training loop is the usual one: the model's own chat template, length-sorted micro-batches, AdamW with warmup +
-cosine, gradient accumulation and clipping, bf16 with fp32 master weights, gradient checkpointing (default), an
-optional hand-written LoRA (merged into the weights on save), DDP or FSDP2 (--fsdp: fully_shard per decoder layer,
-bf16 compute over fp32 sharded weights) under torchrun, resume from OUT/train_state.pt; the peak RSS of each step goes
-to the log. The output dir is an HF checkpoint (config, tokenizer, model.safetensors) that
-`python w4s.py --meta-agent hf:OUT` loads.
+The training loop is the usual one but for its micro-batches: the K actions sampled on one state are packed after
+its prompt, which is encoded once for all of them (pack(): exact, not an approximation). Then the model's own chat
+template, AdamW with warmup + cosine, gradient accumulation and clipping, bf16 with fp32 master weights, gradient
+checkpointing (default), an optional hand-written LoRA (merged into the weights on save), DDP or FSDP2 (--fsdp:
+fully_shard per decoder layer, bf16 compute over fp32 sharded weights) under torchrun, resume from
+OUT/train_state.pt; the peak RSS of each step goes to the log. The output dir is an HF checkpoint (config,
+tokenizer, model.safetensors) that `python w4s.py --meta-agent hf:OUT` loads.
 
 Deliberately left out: PPO-style importance ratios and clipping (each round trains once on data its own policy just
-produced, so the data is close to on-policy), a value function, sequence packing (length sorting gets most of the
-padding back, see the log line), resuming an --fsdp run mid-way, and models whose logits are not a plain linear map
+produced, so the data is close to on-policy), a value function, packing different states into one sequence,
+resuming an --fsdp run mid-way, and models whose logits are not a plain linear map
 of the last hidden state (soft-capping).
 """
 import argparse, contextlib, copy, dataclasses, hashlib, json, math, os, random, shlex, subprocess, sys, time
@@ -82,8 +83,8 @@ def get_args(argv=None):
     a("--val-frac", type=float, default=0.1, help="fraction of runs held out for the validation loss")
     a("--max-len", type=int, default=4096, help="drop examples longer than this many tokens (prompt + action)")
     a("--steps", type=int, default=100, help="optimiser steps")
-    a("--batch-size", type=int, default=1, help="sequences per micro-batch per process (activation memory grows "
-      "with it; W4S states are long)")
+    a("--batch-size", type=int, default=8, help="actions of one state per micro-batch per process: packed after "
+      "the state's prompt, which is encoded once for them (activation memory grows with it)")
     a("--grad-accum", type=int, default=16, help="micro-batches per optimiser step per process")
     a("--lr", type=float, default=1e-5, help="peak learning rate (try ~2e-4 with --lora-r)")
     a("--warmup", type=int, default=10, help="linear warmup steps, then cosine decay")
@@ -99,7 +100,6 @@ def get_args(argv=None):
       "fp32 sharded master weights; the same checkpoint; no --lora-r, no mid-run --resume")
     a("--lora-r", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
     a("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (update = alpha/r * B A)")
-    a("--no-sort", action="store_true", help="random micro-batches instead of length-sorted ones (for comparison)")
     a("--eval-every", type=int, default=25, help="validation loss every N steps (0 = only at the end)")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
     a("--resume", action="store_true", help="continue from OUT/train_state.pt if it exists")
@@ -225,41 +225,49 @@ def encode(tok, ex, max_len):
     return dict(ids=ids, n_prompt=len(p_ids), reward=ex["reward"], advantage=ex.get("advantage", 0.0),
                 task=ex.get("task"))
 
-def make_batches(lengths, batch_size, seed, sort=True):
-    """Micro-batches of similar length (little compute goes to padding), visited in random order."""
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    if sort:
-        order.sort(key=lambda i: lengths[i])  # stable: equal lengths stay shuffled
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    rng.shuffle(batches)
+def make_batches(data, batch_size, seed):
+    """Micro-batches of up to batch_size actions of one state (they share its prompt: see pack()), in random order."""
+    by_state = defaultdict(list)
+    for i, x in enumerate(data):
+        by_state[tuple(x["ids"][:x["n_prompt"]])].append(i)
+    batches = [idx[j:j + batch_size] for idx in by_state.values() for j in range(0, len(idx), batch_size)]
+    random.Random(seed).shuffle(batches)
     return batches
 
-def padding_fraction(batches, lengths):
-    real = sum(lengths[i] for b in batches for i in b)
-    return 1 - real / max(1, sum(len(b) * max(lengths[i] for i in b) for b in batches))
-
-def collate(items, pad_id, device):
-    T = max(len(x["ids"]) for x in items)
-    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(items), T), dtype=torch.long)
-    is_action = torch.zeros((len(items), T), dtype=torch.bool)  # right padding: positions stay 0..L-1
+def pack(items, device):
+    """One micro-batch as one sequence: the state's prompt once, then each action, [s, a_1, ..., a_k]. An action
+    attends to the prompt and to its own earlier tokens only, at the positions it has alone, so its log-probs and
+    their gradients (which reach the prompt through attention) are exactly those of the unshared computation, while
+    the prompt, most of a W4S state, is encoded once instead of k times. Returns the model's inputs and, per action
+    token: the position whose hidden state predicts it, its id, and its (action, index) in the output."""
+    n_prompt = items[0]["n_prompt"]
+    ids, pos, owner = list(items[0]["ids"][:n_prompt]), list(range(n_prompt)), [-1] * n_prompt
+    pred, target, row, col = [], [], [], []
     for b, x in enumerate(items):
-        L = len(x["ids"])
-        ids[b, :L], attn[b, :L], is_action[b, x["n_prompt"]:L] = torch.tensor(x["ids"]), 1, True
-    return ids.to(device), attn.to(device), is_action.to(device)
+        action, start = x["ids"][n_prompt:], len(ids)
+        pred += [n_prompt - 1] + list(range(start, start + len(action) - 1))
+        target += action
+        row += [b] * len(action)
+        col += range(len(action))
+        ids += action
+        pos += range(n_prompt, n_prompt + len(action))
+        owner += [b] * len(action)
+    o = torch.tensor(owner)
+    attend = torch.ones(len(ids), len(ids), dtype=torch.bool).tril() & ((o == -1)[None, :] | (o[None, :] == o[:, None]))
+    t = lambda v: torch.tensor(v, device=device)
+    return dict(ids=t([ids]), pos=t([pos]), attend=attend[None, None].to(device), pred=t(pred), target=t(target),
+                row=t(row), col=t(col), n=len(items))
 
 # ----------------------------------------------------------------------------------------------------------- loss
 def rwr_weights(rewards, tau):
     """w_i = exp(r_i/tau), normalised to mean 1 over the whole training set. (Normalising inside each batch would
-    turn a batch of equal rewards -- common, since batches are length-sorted -- into plain fine-tuning.)"""
+    turn a batch of equal rewards -- common, since a batch holds the actions of one state -- into plain fine-tuning.)"""
     return torch.softmax(torch.tensor(rewards, dtype=torch.float64) / tau, 0) * len(rewards)
 
 def rlao_loss(logp, mask, c, n, ref_logp=None, beta=0.0):
     """The RLAO loss of one micro-batch, as its share of an optimiser step over n examples (all micro-batches, all
     processes), so micro-batch losses simply add up. logp[b,t] = log pi_theta(y_bt | s_b, y_b<t); mask[b,t] = 1 on
-    the action tokens (the reply + eos), 0 on the prompt (the state s_b) and on padding. With
+    the action tokens (the reply + eos), 0 past the end of a shorter action. With
     l_b = mean over b's action tokens of logp (a length-normalised log pi(a_b | s_b)):
 
         L = (1/n) sum_b [ -c_b l_b + beta KL_b ],   KL_b = mean_t (e^d - d - 1), d = logp_ref - logp  (k3 estimator)
@@ -274,7 +282,8 @@ def rlao_loss(logp, mask, c, n, ref_logp=None, beta=0.0):
     return loss / n
 
 class ActionLogProbs(nn.Module):
-    """log pi(token) at action positions only. The vocabulary projection skips the prompt (most of a W4S state) and
+    """log pi(token) at action positions only, over pack()'s sequence of one state's prompt and its actions, so the
+    prompt is encoded once for all of them. The vocabulary projection skips the prompt (most of a W4S state) and
     runs on CHUNK action tokens at a time under checkpointing, so no (action tokens x vocabulary) fp32 logits tensor
     (0.6 GB per 1k tokens over Qwen's 152k vocabulary; 0.16 GB per chunk), nor its log-softmax, is kept for backward.
     Assumes logits = lm_head(last hidden state)."""
@@ -284,20 +293,27 @@ class ActionLogProbs(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, ids, attn, is_action):
-        # no padding in the batch (always so at the default --batch-size 1): no mask, so SDPA may take its fused
-        # causal kernel rather than a masked one
-        mask = None if bool(attn.all()) else attn
-        h = self.lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        pick = is_action[:, 1:]  # the hidden state at t-1 predicts token t
-        hp, targets = h[:, :-1][pick], ids[:, 1:][pick]
+    def forward(self, batch):
+        """batch: pack()'s. Returns logp[b, t] of action b's token t and a mask of the tokens that exist."""
+        h = self.lm.base_model(input_ids=batch["ids"], position_ids=batch["pos"], use_cache=False,
+                               attention_mask=attention_bias(batch["attend"], self.lm)).last_hidden_state[0]
+        hp, targets = h[batch["pred"]], batch["target"]
         head = self.lm.get_output_embeddings()
         token_logp = lambda x, y: -F.cross_entropy(head(x).float(), y, reduction="none")
         parts = [torch.utils.checkpoint.checkpoint(token_logp, hp[i:i + self.CHUNK], targets[i:i + self.CHUNK],
                                                    use_reentrant=False) for i in range(0, len(hp), self.CHUNK)]
-        logp = h.new_zeros(pick.shape, dtype=torch.float32)
-        logp[pick] = torch.cat(parts) if parts else logp[pick]
-        return logp, pick.float()
+        shape = (batch["n"], int(batch["col"].max()) + 1)
+        logp, mask = h.new_zeros(shape, dtype=torch.float32), h.new_zeros(shape, dtype=torch.float32)
+        logp[batch["row"], batch["col"]] = torch.cat(parts)
+        mask[batch["row"], batch["col"]] = 1.0
+        return logp, mask
+
+def attention_bias(attend, lm):
+    """pack()'s mask as the model's attention takes it: SDPA a boolean one, eager attention an additive one."""
+    if lm.config._attn_implementation == "sdpa":
+        return attend
+    dtype = next(lm.parameters()).dtype
+    return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill(~attend, torch.finfo(dtype).min)
 
 # ----------------------------------------------------------------------------------------------------------- LoRA
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -501,7 +517,8 @@ def encode_all(args, tok, train_ex, val_ex):
     data, val = enc(train_ex), enc(val_ex)
     if not data:
         die(f"no training examples left (all {len(train_ex)} longer than --max-len {args.max_len}?)")
-    c = rwr_weights([x["reward"] for x in data], args.tau) if args.objective == "rwr" else [x["advantage"] for x in data]
+    rewards, advantages = [x["reward"] for x in data], [x["advantage"] for x in data]
+    c = rwr_weights(rewards, args.tau) if args.objective == "rwr" else advantages
     share = task_shares([x["task"] for x in data])
     for x, ci in zip(data, c):
         x["c"] = float(ci) * share[x["task"]]
@@ -514,11 +531,11 @@ def lr_at(args, step):
     t = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
-def micro_batches(args, lengths):
-    """The same endless stream of length-sorted micro-batches on every process; each takes its own share per step."""
+def micro_batches(args, data):
+    """The same endless stream of micro-batches on every process; each takes its own share per step."""
     epoch = 0
     while True:
-        yield from make_batches(lengths, args.batch_size, args.seed + epoch, not args.no_sort)
+        yield from make_batches(data, args.batch_size, args.seed + epoch)
         epoch += 1
 
 def restore(args, p, opt, state, state_file, log):
@@ -536,27 +553,27 @@ def restore(args, p, opt, state, state_file, log):
 
 def accumulate(args, p, data, mbs, rank, world, device):
     """One optimiser step's forward and backward passes: this process's share of the step's micro-batches, each
-    loss scaled as its share of the step (rlao_loss). Returns (this process's summed loss, tokens seen)."""
-    n, pad_id = sum(len(b) for b in mbs), p.tok.pad_token_id or 0
+    loss scaled as its share of the step (rlao_loss). Returns (this process's summed loss, action tokens trained)."""
+    n = sum(len(b) for b in mbs)
     step_loss, n_tok = torch.zeros((), device=device), 0
     mine = list(range(rank, len(mbs), world))
     for k, j in enumerate(mine):
-        batch = collate([data[i] for i in mbs[j]], pad_id, device)
+        batch = pack([data[i] for i in mbs[j]], device)
         c = torch.tensor([data[i]["c"] for i in mbs[j]], device=device)
         last_mb = k == len(mine) - 1
         if args.fsdp:  # reduce-scatter the gradients once per step, on the last micro-batch
             p.ddp.set_requires_gradient_sync(last_mb)
         sync = p.ddp.no_sync() if world > 1 and not args.fsdp and not last_mb else contextlib.nullcontext()
         with sync:
-            logp, mask = p.ddp(*batch)
+            logp, mask = p.ddp(batch)
             ref_logp = None
             if args.kl > 0:
                 with torch.no_grad(), (adapters_off(p.model) if args.lora_r else contextlib.nullcontext()):
-                    ref_logp = (ActionLogProbs(p.ref) if p.ref is not None else p.policy)(*batch)[0]
+                    ref_logp = (ActionLogProbs(p.ref) if p.ref is not None else p.policy)(batch)[0]
             loss = rlao_loss(logp, mask, c, n, ref_logp, args.kl)
             (loss * world).backward()  # DDP averages gradients over processes; the step's loss is their sum
         step_loss += loss.detach()
-        n_tok += int(batch[1].sum())
+        n_tok += len(batch["target"])
     return step_loss, n_tok
 
 def optimizer_step(args, p, opt):
@@ -574,9 +591,8 @@ def val_nll(args, p, val, rank, world, device):
     if not val:
         return None
     tot = torch.zeros(2, device=device)
-    vlen = [len(x["ids"]) for x in val]
-    for b in make_batches(vlen, args.batch_size, 0)[rank::world]:
-        logp, mask = p.policy(*collate([val[i] for i in b], p.tok.pad_token_id or 0, device))
+    for b in make_batches(val, args.batch_size, 0)[rank::world]:
+        logp, mask = p.policy(pack([val[i] for i in b], device))
         tot += torch.stack([-(logp * mask).sum(), mask.sum()])
     if world > 1:
         dist.all_reduce(tot)
@@ -609,10 +625,12 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
     p = build_policy(args, world, device)
     data, val = encode_all(args, p.tok, train_ex, val_ex)
     lengths = [len(x["ids"]) for x in data]
-    pads = [padding_fraction(make_batches(lengths, args.batch_size, args.seed, s), lengths) for s in (True, False)]
+    packed = sum(len(data[b[0]]["ids"]) + sum(len(data[i]["ids"]) - data[i]["n_prompt"] for i in b[1:])
+                 for b in make_batches(data, args.batch_size, args.seed))
     log(f"rlao: {len(data)} train / {len(val)} val examples ({len(examples)} loaded, {len(kept)} kept by --keep "
         f"{args.keep}, {len(train_ex) + len(val_ex) - len(data) - len(val)} too long); mean length "
-        f"{sum(lengths) / len(lengths):.0f} tokens; padding {pads[0]:.1%} length-sorted vs {pads[1]:.1%} random; "
+        f"{sum(lengths) / len(lengths):.0f} tokens; a state's prompt shared by its actions: {packed} tokens "
+        f"encoded instead of {sum(lengths)}; "
         f"{sum(w.numel() for w in p.params) / 1e6:.2f}M trainable params; {'bf16' if p.bf16 else 'fp32'} on {device}, "
         f"{world} process(es){', FSDP2' if args.fsdp else ''}")
     # step 4: FSDP2 is for models that barely fit: foreach AdamW's temporaries (a copy of the update of every shard at
@@ -621,7 +639,7 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
                             foreach=False if args.fsdp else None)
     start = restore(args, p, opt, state, state_file, log)
     from tqdm import tqdm
-    M, stream = args.grad_accum * world, micro_batches(args, lengths)
+    M, stream = args.grad_accum * world, micro_batches(args, data)
     for _ in range(start * M):
         next(stream)
     logf = open(out / "log.jsonl", "a") if rank == 0 else None
@@ -634,8 +652,8 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
         optimizer_step(args, p, opt)
         if world > 1:
             dist.all_reduce(step_loss)
-        tok_s = n_tok * world / (time.time() - t0)  # this step's (prompt + action) tokens, all processes
-        rec = dict(step=step + 1, loss=step_loss.item(), lr=lr_at(args, step), tok_s=round(tok_s, 1),
+        tok_s = n_tok * world / (time.time() - t0)  # this step's action tokens, all processes
+        rec = dict(step=step + 1, loss=step_loss.item(), lr=lr_at(args, step), action_tok_s=round(tok_s, 1),
                    peak_rss_gib=peak_rss_gib())
         if device.type == "cuda":
             rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -657,7 +675,8 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
         dist.all_gather_object(digests, digest)
         log(f"rlao: ranks agree on weights: {len(set(digests)) == 1} ({digest})")
     log(f"rlao: saved {out} (use --meta-agent hf:{out}); peak RSS of this process {peak_rss_gib()} GiB"
-        + (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""))
+        + (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+           if device.type == "cuda" else ""))
 
 # ================================================================================================================
 # The experiment harness (not the trainer): the free pre-screen pass rate (--screen) and the seen -> unseen rounds
@@ -762,7 +781,8 @@ def run_rounds(args, rank, world, device):
                     w4s_run(args, task, policy, coll, [])
                     rows = [r for _, _, r in trajectory_rows([coll])]
                     evaluated = [r["reward"] for r in rows if is_kept(r)]
-                    rec["collect"][task] = dict(actions=len(rows), evaluated=len(evaluated), seconds=round(time.time() - t0),
+                    rec["collect"][task] = dict(actions=len(rows), evaluated=len(evaluated),
+                                                seconds=round(time.time() - t0),
                                                 mean_reward=sum(evaluated) / len(evaluated) if evaluated else None)
                     if not evaluated and args.warmup_k:  # the paper's reward is missing: the pre-screen stands in
                         warm.append(coll)
@@ -844,7 +864,8 @@ def print_rounds(history):
         s, w = h["eval"]["screen"], h["eval"].get("w4s")
         fig2 = (f"{w['mean_reward'] if w['mean_reward'] is not None else float('nan'):.3f} over {w['evaluated']}, "
                 f"{w['best_val_gain']:+.3f}") if w else "-"
-        print(f"rlao: {h['round']:5d} | {s['pass_rate']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] ({s['n']}) | {fig2} | "
+        print(f"rlao: {h['round']:5d} | {s['pass_rate']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] ({s['n']}) | "
+              f"{fig2} | "
               + train_cell(h.get("train", {})), flush=True)
 
 def train_cell(t):

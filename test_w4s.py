@@ -2074,19 +2074,48 @@ def test_loss_matches_hand_computed_reference_and_masks_prompt():
     assert torch.all(logp.grad[mask == 0] == 0) and torch.all(logp.grad[mask == 1] != 0)
 
 
-def test_action_logprobs_match_full_logits_and_skip_prompt(tiny):
+def one_state_three_actions(tiny):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
-    ids = torch.randint(0, 1000, (2, 7))
-    attn = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
-    is_action = torch.zeros(2, 7, dtype=torch.bool)
-    is_action[0, 4:], is_action[1, 3:5] = True, True
-    logp, mask = rlao.ActionLogProbs(model)(ids, attn, is_action)
-    full = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
-    full = full.gather(-1, ids[:, 1:, None])[..., 0]
-    assert torch.equal(mask.bool(), is_action[:, 1:])
-    assert torch.allclose(logp[mask.bool()], full[mask.bool()], atol=1e-5)
-    assert torch.all(logp[~mask.bool()] == 0)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 1000, (9,), generator=g).tolist()
+    items = [dict(ids=prompt + torch.randint(0, 1000, (k,), generator=g).tolist(), n_prompt=9) for k in (4, 1, 6)]
+    return model, items
+
+
+def test_packed_action_logprobs_equal_each_action_scored_alone(tiny):
+    """pack(): one state's prompt once, then its actions; each action's log-probs are those of prompt + action."""
+    model, items = one_state_three_actions(tiny)
+    logp, mask = rlao.ActionLogProbs(model)(rlao.pack(items, "cpu"))
+    assert mask.tolist() == [[1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0], [1] * 6]
+    for b, x in enumerate(items):
+        ids = torch.tensor([x["ids"]])
+        full = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        n = len(x["ids"]) - 9
+        assert torch.allclose(logp[b, :n], full[8:], atol=1e-5) and torch.all(logp[b, n:] == 0)
+
+
+def test_shared_prompt_loss_and_gradients_equal_the_unshared_computation(tiny):
+    """Exact, not an approximation: the gradient through the once-encoded prompt is the sum over its actions."""
+    model, items = one_state_three_actions(tiny)
+    policy, c = rlao.ActionLogProbs(model), torch.tensor([1.5, -0.5, 0.25])
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+    shared = grads(rlao.rlao_loss(*policy(rlao.pack(items, "cpu")), c, 3))
+    alone = grads(sum(rlao.rlao_loss(*policy(rlao.pack([x], "cpu")), c[b:b + 1], 3) for b, x in enumerate(items)))
+    assert abs(shared[0] - alone[0]) < 1e-6
+    assert all(torch.allclose(g, h, atol=1e-6, rtol=1e-4) for g, h in zip(shared[1], alone[1]))
+    assert any(g.abs().sum() > 0 for g in shared[1])
+
+
+def test_micro_batches_hold_the_actions_of_one_state():
+    data = [dict(ids=[1, 2, 3, 9], n_prompt=3), dict(ids=[5, 6, 7], n_prompt=2), dict(ids=[1, 2, 3, 8, 8], n_prompt=3),
+            dict(ids=[1, 2, 3, 7], n_prompt=3)]
+    batches = rlao.make_batches(data, 2, seed=0)
+    assert sorted(map(sorted, batches)) == [[0, 2], [1], [3]]
 
 
 def test_rwr_weights_and_pg_advantages():
@@ -2155,7 +2184,7 @@ def test_training_prefers_the_high_reward_action(tiny, tmp_path, objective):
     def gap(path):  # mean log-prob per token of HIGH minus that of LOW
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         with torch.no_grad():
-            logp, mask = rlao.ActionLogProbs(m)(*rlao.collate(ex, tok.pad_token_id, "cpu"))
+            logp, mask = rlao.ActionLogProbs(m)(rlao.pack(ex, "cpu"))
         l = (logp * mask).sum(1) / mask.sum(1)
         return (l[0] - l[1]).item()
 

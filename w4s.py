@@ -80,7 +80,8 @@ def parse_args(argv=None):
                    "gpt-4o-mini when OPENAI_API_KEY is set, else embedded:qwen2.5-coder-1.5b)")
     p.add_argument("--iterations", type=int, default=None, help="meta-agent turns after the seeds (default 30 with an "
                    "API executor, 3 with embedded models)")
-    p.add_argument("--samples", type=int, default=None, help="m: meta-agent candidates evaluated per turn (samples that "
+    p.add_argument("--samples", type=int, default=None, help="m: meta-agent candidates evaluated per turn (samples "
+                   "that "
                    "fail the free pre-screen are redrawn, up to 3m); the best one continues (default 5 with an API "
                    "executor, 3 with embedded models)")
     p.add_argument("--context-window", type=int, default=2, help="turns per episode: then the conversation restarts "
@@ -93,7 +94,8 @@ def parse_args(argv=None):
                    "best seed (on validation) beside the best workflow found")
     p.add_argument("--concurrency", type=int, default=16, help="max executor calls (and workflow samples) in flight "
                    "across all workflows")
-    p.add_argument("--timeout", type=float, default=None, help="wall-clock seconds per validation sample in the sandbox "
+    p.add_argument("--timeout", type=float, default=None, help="wall-clock seconds per validation sample in the "
+                   "sandbox "
                    "(default 120 with an API executor, 1800 with embedded models)")
     p.add_argument("--max-tokens", type=int, default=None, help="executor reply budget per call (default 2048 with an "
                    "API executor, 512 with embedded models, so that the offline demo ends in ~30 min on 2 CPU cores)")
@@ -495,7 +497,7 @@ UNPARSABLE = (RecursionError, MemoryError, ValueError)  # what ast raises on ~50
 
 def extract_workflow(reply):
     """Return (code, error). We take the FIRST ```python block that defines solver(agent, task): the 0.5B
-    meta-agent often appends usage examples or a second variant after its workflow (measured: see README)."""
+    meta-agent often appends usage examples or a second variant after its workflow (measured: see LOG.md)."""
     blocks = benchmarks.code_blocks(reply)
     if not blocks:
         return None, "no ```python block in the reply"

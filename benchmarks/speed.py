@@ -18,9 +18,10 @@
                            vs the bare matmuls of the engine's own steps (the floor no scheduling of those steps
                            beats), peak RSS; and the engine vs
                            one request at a time on an evenly spread subset of the same requests, greedy.
-  4. RLAO trainer          rlao.py's micro-batch step (length-sorted batches, action-only vocabulary projection) vs a
-                           plain loop (model(..., labels=), random batches padded to their longest), same data and batch
-                           size, forward + backward; padding fraction of each; the same mean NLL per action token.
+  4. RLAO trainer          rlao.py's micro-batch step (a state's prompt encoded once for its K actions, action-only
+                           vocabulary projection) vs a plain loop (model(..., labels=), each action with its own copy of
+                           the prompt, the K padded to their longest), same data, forward + backward: action tokens
+                           per second; the same mean NLL per action token.
 Left out: llama.cpp (no wheel for these machines), the optimiser step (the same in both trainer loops; skipping it keeps the weights, so the loss check, equal),
 429 replies, the meta-agent, end-to-end runs (`python w4s.py --task math` is measured on its own), GPUs.
 Usage, from the repository root: python -m benchmarks.speed [--quick] [--json] [--threads 1]
@@ -40,7 +41,8 @@ SIZES = {  # name: (full run, --quick, help)
     "single": (6, 4, "local: of those, requests also run one at a time (spread over prompt lengths)"),
     "max_tokens": (128, 16, "local: largest output budget (CoT-length replies: decoding, not prefill, dominates)"),
     "gap": (1.0, 0.2, "local: seconds between workflow starts"),
-    "rlao_examples": (16, 8, "rlao: trajectory examples"),
+    "rlao_states": (4, 2, "rlao: W4S states, each with --rlao-k sampled actions"),
+    "rlao_k": (4, 4, "rlao: K, actions sampled per state (a micro-batch: the state's prompt once, its K actions)"),
 }
 
 
@@ -57,7 +59,6 @@ def get_args(argv=None):
     a("--old-engine", default="2643442", help="local: the commit whose llm.py is the previous engine (default: the "
       "engine issue 17 measured, HF DynamicCache and whole joins)")
     a("--rlao-model", default="embedded:smollm2-135m", help="rlao: policy spec")
-    a("--batch-size", type=int, default=4, help="rlao: sequences per micro-batch")
     a("--threads", type=int, default=None, help="torch threads (default: torch's). On a CPU busy with other jobs, 1 "
       "keeps OpenMP threads from spinning against them")
     # the child process of bench_local
@@ -403,23 +404,24 @@ def bench_rlao(args, R):
     import rlao
     torch.manual_seed(0)
     model, tok = rlao.load_policy(args.rlao_model)
-    rng, scale, words = random.Random(0), 1 if args.quick else 2, "archive workflow accuracy solver answer".split()
-    exs = [dict(messages=[{"role": "system", "content": w4s.META_SYSTEM},  # trajectory states vary widely in length
-                          {"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(10, 120) * scale))}],
-                action=" ".join(rng.choices(words, k=rng.randint(5, 40) * scale)), reward=0.5)
-           for _ in range(args.rlao_examples)]
+    rng, scale, words = random.Random(0), 1 if args.quick else 4, "archive workflow accuracy solver answer".split()
+    exs = []
+    for s in range(args.rlao_states):  # W4S states are long (2-4k tokens) and K actions are sampled on each
+        state = [{"role": "system", "content": w4s.META_SYSTEM},
+                 {"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(200, 400) * scale))}]
+        exs += [dict(messages=state, action=" ".join(rng.choices(words, k=rng.randint(20, 60) * scale)), reward=0.5)
+                for _ in range(args.rlao_k)]
     data = [rlao.encode(tok, e, 1 << 16) for e in exs]
-    lengths, pad = [len(x["ids"]) for x in data], tok.pad_token_id or 0
-    sorted_b, naive_b = (rlao.make_batches(lengths, args.batch_size, 0, sort=s) for s in (True, False))
+    batches, pad = rlao.make_batches(data, args.rlao_k, 0), tok.pad_token_id or 0
     policy, bf16 = rlao.ActionLogProbs(model), rlao.use_bf16("auto", torch.device("cpu"))
 
-    def rlao_step(items, train):  # what rlao.train does per micro-batch
-        logp, mask = policy(*rlao.collate(items, pad, "cpu"))
+    def rlao_step(items, train):  # what rlao.train does per micro-batch: the state's prompt once, its K actions
+        logp, mask = policy(rlao.pack(items, "cpu"))
         if train:
             rlao.rlao_loss(logp, mask, torch.ones(len(items)), len(data)).backward()
         return -(logp * mask).sum().item(), mask.sum().item()
 
-    def plain_step(items, train):  # the reference: pad to the longest, labels=-100 off the action
+    def plain_step(items, train):  # the reference: each action with its own copy of the prompt, padded, labels=-100
         T = max(len(x["ids"]) for x in items)
         ids = torch.tensor([x["ids"] + [pad] * (T - len(x["ids"])) for x in items])
         attn = torch.tensor([[1] * len(x["ids"]) + [0] * (T - len(x["ids"])) for x in items])
@@ -430,7 +432,7 @@ def bench_rlao(args, R):
         n = (labels[:, 1:] != -100).sum().item()
         return loss.item() * n, n
 
-    def run(step, batches, train=True):
+    def run(step, train=True):
         t0, nll, n = time.perf_counter(), 0.0, 0
         with contextlib.nullcontext() if train else torch.no_grad():
             for bt in batches:
@@ -441,26 +443,26 @@ def bench_rlao(args, R):
         return time.perf_counter() - t0, nll / n
 
     model.train().to(torch.bfloat16 if bf16 else torch.float32)
-    pb = bar(f"rlao {args.rlao_model} {'bf16' if bf16 else 'fp32'}", 1 + 2 * len(sorted_b))
-    run(rlao_step, naive_b[:1])  # warm-up
-    (t_plain, nll_plain), (t_rlao, nll_rlao) = run(plain_step, naive_b), run(rlao_step, sorted_b)
+    pb = bar(f"rlao {args.rlao_model} {'bf16' if bf16 else 'fp32'}", 2 * len(batches) + 1)
+    rlao_step([data[i] for i in batches[0]], True)  # warm-up
+    pb.update()
+    (t_plain, nll_plain), (t_rlao, nll_rlao) = run(plain_step), run(rlao_step)
     pb.close()
     R["rlao_loss_diff_bf16"] = float(f"{abs(nll_plain - nll_rlao):.2e}")
-    if bf16:  # bf16 rounding depends on batch shapes: check the loss identity in fp32
+    if bf16:  # bf16 rounding depends on shapes: check the loss identity in fp32
         model.float()
-        pb = bar("rlao: fp32 loss check", 2 * len(sorted_b))
-        nll_plain, nll_rlao = run(plain_step, naive_b, False)[1], run(rlao_step, sorted_b, False)[1]
+        pb = bar("rlao: fp32 loss check", 2 * len(batches))
+        nll_plain, nll_rlao = run(plain_step, False)[1], run(rlao_step, False)[1]
         pb.close()
-    real = sum(lengths)
-    R.update(rlao_model=args.rlao_model, rlao_dtype="bf16" if bf16 else "fp32", rlao_tok_s=round(real / t_rlao, 1),
-             rlao_plain_tok_s=round(real / t_plain, 1), rlao_speed_ratio=round(t_plain / t_rlao, 2),
-             rlao_padding=round(rlao.padding_fraction(sorted_b, lengths), 3),
-             rlao_plain_padding=round(rlao.padding_fraction(naive_b, lengths), 3),
-             rlao_loss_diff=float(f"{abs(nll_plain - nll_rlao):.2e}"), rlao_nll=round(nll_rlao, 5), rlao_tokens=real)
-    return [("rlao / plain loop, tok/s", R["rlao_speed_ratio"], ">= 1.2", f"{R['rlao_tok_s']} vs "
-             f"{R['rlao_plain_tok_s']} tok/s ({args.rlao_model}, {R['rlao_dtype']}, {real} tokens); padding "
-             f"{R['rlao_padding']:.1%} vs {R['rlao_plain_padding']:.1%}; |loss diff| {R['rlao_loss_diff']} fp32, "
-             f"{R['rlao_loss_diff_bf16']} bf16")]
+    actions = sum(len(x["ids"]) - x["n_prompt"] for x in data)
+    R.update(rlao_model=args.rlao_model, rlao_dtype="bf16" if bf16 else "fp32", rlao_k=args.rlao_k,
+             rlao_action_tok_s=round(actions / t_rlao, 1), rlao_plain_action_tok_s=round(actions / t_plain, 1),
+             rlao_speed_ratio=round(t_plain / t_rlao, 2), rlao_loss_diff=float(f"{abs(nll_plain - nll_rlao):.2e}"),
+             rlao_nll=round(nll_rlao, 5), rlao_action_tokens=actions, rlao_tokens=sum(len(x["ids"]) for x in data))
+    return [(f"rlao shared prompt / unshared, action tok/s (K={args.rlao_k})", R["rlao_speed_ratio"], ">= 3",
+             f"{R['rlao_action_tok_s']} vs {R['rlao_plain_action_tok_s']} action tok/s ({args.rlao_model}, "
+             f"{R['rlao_dtype']}, {args.rlao_states} states x {args.rlao_k} actions, {actions} action tokens of "
+             f"{R['rlao_tokens']}); |loss diff| {R['rlao_loss_diff']} fp32, {R['rlao_loss_diff_bf16']} bf16")]
 
 
 def main(argv=None):
