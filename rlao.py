@@ -683,8 +683,8 @@ def train(args, rank=0, world=1, device=torch.device("cpu")):
 # -------------------------------------------------------------------------------- the free pre-screen (no executor)
 def load_states(paths):
     """The distinct meta-agent states logged in these w4s runs, each with what w4s.prescreen needs: the workflows the
-    state shows (a reply that nearly copies one of them, or a seed, is a near-copy) and the run's first validation
-    question (for the dry run, as w4s.py does)."""
+    state shows (a reply that nearly copies one of them, or a seed, is a near-copy) and the run's dry-run question
+    (as w4s.py draws it)."""
     import benchmarks, w4s
     states, examples = {}, {}
     for f, _, rec in trajectory_rows(paths):
@@ -692,20 +692,19 @@ def load_states(paths):
         if not rec.get("messages") or key in states:
             continue
         if f not in examples:
-            examples[f] = first_val_example(f.parent / "config.json")
+            examples[f] = dry_run_example(f.parent / "config.json")
         shown = [b for m in rec["messages"] for b in benchmarks.code_blocks(m["content"])]
         known = [dict(name="a seed", code=c) for c in w4s.SEED_WORKFLOWS.values()] + \
                 [dict(name="a workflow the state shows", code=c) for c in shown]
         states[key] = dict(messages=rec["messages"], task=rec.get("task"), known=known, example=examples[f])
     return list(states.values())
 
-def first_val_example(config_file):
-    """cfg.val[0] of the w4s run that wrote config_file: the same fixed validation sample w4s.py draws."""
+def dry_run_example(config_file):
+    """The dry runs' question of the w4s run that wrote config_file, as w4s.py drew it."""
     import benchmarks, w4s
     cfg = json.loads(config_file.read_text())
     val = benchmarks.get_task(cfg["task"], cfg.get("scorer"), cfg.get("description")).load("val")
-    return w4s.validation_split(val, cfg["seed"], cfg["val_size"])[0]
-
+    return w4s.dry_run_example(val, cfg["seed"], cfg["val_size"])
 def sample_and_screen(spec, states, k, max_tokens):
     """K sampled actions on each state (temperature 0.7, sample seeds 0..K-1, through w4s's LLM class: any meta-agent
     spec, cached), each pre-screened against the state's workflows only (not against its sibling samples, so each

@@ -426,6 +426,17 @@ def test_a_repaired_action_is_logged_as_its_original_analysis_with_the_repaired_
     assert [m["role"] for m in row["messages"]] == ["system", "user"] and "# Archive" in row["messages"][1]["content"]
 
 
+def test_a_workflow_that_hard_codes_a_question_it_was_shown_fails_the_dry_run(sums_task, tmp_path):
+    """Seen in a real run: the 1.5B wrote a workflow asking the executor the validation question its feedback showed,
+    and returning that question's answer. The dry runs ask a validation question the meta-agent never sees."""
+    run = w4s.setup(w4s.parse_args(["--task", sums_task, "--scorer", "numeric", "--val-size", "1"]))[0]
+    assert run.probe not in run.val and run.probe in run.splits["val"]
+    for shown in run.val:
+        code = f"def solver(agent, task):\n    return agent.call_llm({shown['question']!r})\n"
+        _, status, reason = w4s.prescreen(f"```python\n{code}```", [], run.probe, timeout=10)
+        assert status == "broken" and "never saw the question" in reason
+
+
 def test_a_dry_run_failure_is_repaired_without_any_executor_call(sums_task, tmp_path):
     crash = "def solver(agent, task):\n    return agent.call_llm(task + ' never sent') / 0\n"
     drawn = iter([crash, crash] + [GOOD_WORKFLOW] * 10)
@@ -2610,7 +2621,7 @@ def test_screen_states_show_their_workflows_and_the_runs_first_validation_questi
     stub_run(server, sums_task, tmp_path / "run", "--iterations", "1")
     states = rlao.load_states([tmp_path / "run"])
     cfg = w4s.setup(w4s.parse_args(["--task", sums_task, "--scorer", "numeric", "--val-size", "4"]))[0]
-    assert len(states) == 1 and states[0]["example"] == cfg.val[0]
+    assert len(states) == 1 and states[0]["example"] == cfg.probe
     assert {w["code"].strip() for w in states[0]["known"]} >= {c.strip() for c in w4s.SEED_WORKFLOWS.values()}
 
 

@@ -273,7 +273,7 @@ def screen_and_repair(new, earlier, known, meta, run):
         return known + [dict(name=f"sample {c.sample} of this turn", code=c.code) for c in earlier + new
                         if c.code and c.status in (None, "spare", *EVALUATED)]
     for c in new:
-        c.code, c.status, c.reason = prescreen(c.action, others(), run.val[0], run.args.timeout)
+        c.code, c.status, c.reason = prescreen(c.action, others(), run.probe, run.args.timeout)
     for _ in range(REPAIR_ROUNDS):
         failed = [c for c in new if c.status]
         if not failed:
@@ -612,7 +612,7 @@ def repair(cand, failure, known, meta, run):
     reply = meta.chat(messages, temperature=0.7, max_tokens=run.args.meta_max_tokens,
                       sample=cand.seed + 10000 * len(cand.debug), stop=META_STOP)  # a new draw each round
     reply = messages[-1]["content"] + reply if messages[-1]["role"] == "assistant" else reply
-    code, status, reason = prescreen(reply, known, run.val[0], run.args.timeout)
+    code, status, reason = prescreen(reply, known, run.probe, run.args.timeout)
     cand.debug.append(dict(code=cand.code, error=failure, reply=reply))
     if status:
         cand.code, cand.status, cand.reason = code or cand.code, status, reason
@@ -1064,6 +1064,7 @@ class Run:
     val: list
     test: list
     splits: dict  # the whole val and test splits, for --evaluate --limit
+    probe: dict  # the dry runs' question (dry_run_example)
     ledger: Ledger
     pool: cf.ThreadPoolExecutor  # every validation sample in flight, across all workflows at once
     meta_pool: cf.ThreadPoolExecutor  # a turn's meta-agent samples (up to 2m at once) and its m candidates
@@ -1086,7 +1087,7 @@ def setup(args):
         raise UserError(f"task {args.task} has no validation examples")
     ledger = Ledger(args.budget_usd, args.max_calls, prices_for(args))
     run = Run(args=args, task=task, splits=dict(val=val, test=test), ledger=ledger,
-              val=validation_split(val, args.seed, args.val_size),
+              val=validation_split(val, args.seed, args.val_size), probe=dry_run_example(val, args.seed, args.val_size),
               test=random.Random(args.seed + 1).sample(test, min(args.test_size, len(test))),
               pool=cf.ThreadPoolExecutor(args.concurrency), meta_pool=cf.ThreadPoolExecutor(max(2 * args.samples, 1)),
               out=args.out or os.path.join("runs", f"{args.task.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"),
@@ -1098,8 +1099,17 @@ def setup(args):
 
 
 def validation_split(rows, seed, size):
-    """The run's fixed validation examples (rlao.py finds a run's first one, the dry runs' question, with this)."""
+    """The run's fixed validation examples."""
     return random.Random(seed).sample(rows, min(size, len(rows)))
+
+
+def dry_run_example(rows, seed, size):
+    """The dry runs' question: a validation example outside the run's validation set, so one the meta-agent is never
+    shown (a workflow that hard-codes a question from its feedback never sends this one to the executor, and fails);
+    the first validation example where the split has no other. rlao.py finds a logged run's with this too."""
+    shown = validation_split(rows, seed, size)
+    unseen = [r for r in rows if r not in shown]
+    return random.Random(seed).choice(unseen) if unseen else shown[0]
 
 
 def saved_config(run):
