@@ -36,6 +36,7 @@ import argparse
 import ast
 import builtins
 import collections
+from collections import Counter  # the cot_sc seed's
 import concurrent.futures as cf
 import contextlib
 import dataclasses
@@ -840,40 +841,47 @@ def run_snippet(code, timeout):
 # --------------------------------------------------------------------------------------------------------------------
 # 7. Seed workflows (evaluated first; the archive starts with them)
 
-SEED_WORKFLOWS = {
-    "cot": '''def solver(agent, task):
-    prompt = task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}."
+def cot(agent, task):
+    prompt = task + "\n\nThink step by step, then give the final answer as \\boxed{ANSWER}."
     return agent.call_llm(prompt)
-''',
-    "cot_sc": '''from collections import Counter
 
-def solver(agent, task):
-    prompt = task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}."
+
+def cot_sc(agent, task):
+    prompt = task + "\n\nThink step by step, then give the final answer as \\boxed{ANSWER}."
     replies = agent.call_llm(prompt, temperature=0.7, n=5)
     finals = [r.split("boxed{")[-1] for r in replies]
     best = Counter(finals).most_common(1)[0][0]
     return replies[finals.index(best)]
-''',
-    "pot": '''def solver(agent, task):
+
+
+def pot(agent, task):
     prompt = ("Write a Python function solution() that computes the answer to this problem and returns it. "
-              "Reply with only one ```python block.\\n\\n" + task)
+              "Reply with only one ```python block.\n\n" + task)
     reply = agent.call_llm(prompt)
     code = reply.split("```python")[-1].split("```")[0]
     result = agent.execute_code(code)
     if result.startswith("Error"):
-        return agent.call_llm(task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}.")
-    return "\\\\boxed{" + result + "}"
-''',
-    "self_refine": '''def solver(agent, task):
-    draft = agent.call_llm(task + "\\n\\nThink step by step, then give the final answer as \\\\boxed{ANSWER}.")
-    feedback = agent.call_llm("Problem:\\n" + task + "\\n\\nProposed solution:\\n" + draft +
-                              "\\n\\nCheck each step. List any mistakes, or say 'correct'.")
+        return agent.call_llm(task + "\n\nThink step by step, then give the final answer as \\boxed{ANSWER}.")
+    return "\\boxed{" + result + "}"
+
+
+def self_refine(agent, task):
+    draft = agent.call_llm(task + "\n\nThink step by step, then give the final answer as \\boxed{ANSWER}.")
+    feedback = agent.call_llm("Problem:\n" + task + "\n\nProposed solution:\n" + draft +
+                              "\n\nCheck each step. List any mistakes, or say 'correct'.")
     if "correct" in feedback.lower()[:200] and "incorrect" not in feedback.lower()[:200]:
         return draft
-    return agent.call_llm("Problem:\\n" + task + "\\n\\nDraft:\\n" + draft + "\\n\\nReview:\\n" + feedback +
-                          "\\n\\nWrite a corrected solution. End with the final answer as \\\\boxed{ANSWER}.")
-''',
-}
+    return agent.call_llm("Problem:\n" + task + "\n\nDraft:\n" + draft + "\n\nReview:\n" + feedback +
+                          "\n\nWrite a corrected solution. End with the final answer as \\boxed{ANSWER}.")
+
+
+def seed_source(fn, imports=""):
+    """A seed as the sandbox runs it and the meta-agent reads it: its source, the function renamed `solver`."""
+    return imports + inspect.getsource(fn).replace(f"def {fn.__name__}(", "def solver(", 1)
+
+
+SEED_WORKFLOWS = {"cot": seed_source(cot), "cot_sc": seed_source(cot_sc, "from collections import Counter\n\n"),
+                  "pot": seed_source(pot), "self_refine": seed_source(self_refine)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
