@@ -2931,3 +2931,158 @@ def test_dropping_the_pages_of_an_unwritten_checkpoint_keeps_every_weight():
     maps = llm.unwritten_checkpoint_maps()
     llm.drop_pages(maps)
     assert maps and [p.float().sum().item() for p in model.parameters()] == before
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Issue 32 item 1: code verdicts out of the candidate's reach
+# The candidate's code runs in a sandboxed process of its own and hands back plain data; the hidden tests and the
+# verdict live in another process it never runs in (benchmarks.run_tests).
+
+FORGE = "import os\nos.write(3, b'{\"result\": true}\\n')\nos._exit(0)\n"  # the issue's forged verdict
+
+
+def _forged_reply():
+    """The issue's workflow output: the forging code, then the executor's reply squeezed into a comment."""
+    return "```python\n" + FORGE + "# Here is the function: def f(x): return x\n```"
+
+
+def _humaneval(task_id):
+    task, rows = _humaneval_all()
+    return task, next(e for e in rows if e['id'] == task_id)
+
+
+def _mbpp_rows():
+    require_shared_data()
+    task = benchmarks.get_task('mbpp')
+    return task, task.load('val')
+
+
+def test_issue32_forged_verdict_scores_zero_on_humaneval():
+    task, e = _humaneval('HumanEval/55')
+    assert task.score(e, _forged_reply()) == 0.0
+
+
+def test_issue32_channel_found_on_the_stack_cannot_report_a_pass():
+    task, e = _humaneval('HumanEval/55')
+    walk = textwrap.dedent("""
+        import os, sys
+        f = sys._getframe()
+        while f is not None and 'chan' not in f.f_locals:  # the sandbox's result channel, up the stack
+            f = f.f_back
+        if f is not None:
+            f.f_locals['chan'].sendall(b'{"result": true}\\n')
+            os._exit(0)
+        """)
+    assert task.score(e, walk) == 0.0
+
+
+def test_issue32_always_equal_object_scores_zero():
+    task, e = _humaneval('HumanEval/55')  # fib: every test is `assert candidate(n) == value`
+    liar = ("class Liar:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n\n"
+            "def fib(n):\n    return Liar()\n")
+    assert task.score(e, liar) == 0.0
+
+
+_TEXTS = textwrap.dedent("""
+    import gc, sys
+
+    def _texts():  # every string the candidate's process can reach: up its stack, and in every live container
+        f = sys._getframe()
+        while f is not None:
+            for scope in (f.f_locals, f.f_globals):
+                yield from [v for v in list(scope.values()) if isinstance(v, str)]
+            f = f.f_back
+        for o in gc.get_objects():
+            yield from (r for r in gc.get_referents(o) if isinstance(r, str))
+    """)
+
+
+def test_issue32_reading_the_hidden_tests_earns_nothing():
+    task, e = _humaneval('HumanEval/55')
+    cheat = _TEXTS + textwrap.dedent("""
+        import re
+        ANSWERS = {}
+        for text in _texts():  # the hidden tests are `assert candidate(10) == 55` lines: learn them
+            for args, want in re.findall(r'candidate[(](.*?)[)] == (.+)', text):
+                ANSWERS[args.strip()] = want.strip()
+
+        def fib(n):
+            return int(ANSWERS[repr(n)])
+        """)
+    assert task.score(e, cheat) == 0.0
+
+
+def test_issue32_hidden_tests_are_not_in_the_candidates_process():
+    task, e = _humaneval('HumanEval/55')
+    assert 'assert candidate(12) == 144' in e['test']
+    honest_unless_it_sees = _TEXTS + textwrap.dedent("""
+        SEEN = []
+
+        def fib(n):
+            if not SEEN:  # once, at the first call, while the tests are running
+                needle = 'candidate(1' + '2) == 144'
+                SEEN.append(any(needle in t for t in _texts() if t is not needle))
+            if SEEN[0]:
+                return -1
+            a, b = 0, 1
+            for _ in range(n):
+                a, b = b, a + b
+            return a
+        """)
+    assert task.score(e, honest_unless_it_sees) == 1.0
+
+
+def test_issue32_humaneval_canonical_solutions_still_pass():
+    """Floats, helpers the tests take from the prompt (poly, encode_cyclic), 100 calls, a bare completion."""
+    for task_id in ['HumanEval/2', 'HumanEval/32', 'HumanEval/38', 'HumanEval/55']:
+        task, e = _humaneval(task_id)
+        assert task.score(e, e['canonical_solution']) == 1.0, task_id
+
+
+def test_issue32_forged_verdict_scores_zero_on_mbpp():
+    task, rows = _mbpp_rows()
+    assert task.score(rows[0], _forged_reply()) == 0.0
+
+
+def test_issue32_mbpp_canonical_solutions_still_pass():
+    task, rows = _mbpp_rows()
+    chosen = rows[:4] + [e for e in rows if e['id'] in ('mbpp/85', 'mbpp/163')]  # tests that import math
+    assert [task.score(e, e['code']) for e in chosen] == [1.0] * len(chosen)
+
+
+def test_issue32_forged_verdict_scores_zero_on_a_custom_code_task(tmp_path):
+    path = _write(tmp_path, 'code.jsonl', [
+        '{"question": "Write double(x).", "test": "assert double(2) == 4", "entry_point": "double"}',
+        '{"question": "Write inc(x).", "test": "assert inc(1) == 2", "entry_point": "inc"}'])
+    task = benchmarks.get_task(path, scorer='code')
+    e = next(r for r in task.load('val') + task.load('test') if r['entry_point'] == 'double')
+    assert task.score(e, _forged_reply()) == 0.0
+
+
+def test_issue32_custom_code_test_without_entry_point_reaches_the_names_it_uses(tmp_path):
+    path = _write(tmp_path, 'code.jsonl', [
+        '{"question": "Write double(x) and half(x).", "test": "assert double(2) == 4 and half(4) == 2"}',
+        '{"question": "Write inc(x).", "test": "assert inc(1) == 2"}'])
+    task = benchmarks.get_task(path, scorer='code')
+    e = next(r for r in task.load('val') + task.load('test') if 'double' in r['test'])
+    assert task.score(e, 'def double(x):\n    return 2 * x\n\ndef half(x):\n    return x // 2\n') == 1.0
+    assert task.score(e, 'def double(x):\n    return 2 * x\n\ndef half(x):\n    return x\n') == 0.0
+
+
+def test_issue32_a_reply_that_is_code_is_never_run_by_the_tests():
+    task, e = _humaneval('HumanEval/55')
+    forge = "__import__('os').write(3, b'{\"result\": true}\\n') and __import__('os')._exit(0)"  # were it eval'd
+    right_but_replies_code = (f"import builtins\nbuiltins.repr = lambda value: {forge!r}\n\n"
+                              "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"
+                              "    return a\n")
+    assert task.score(e, right_but_replies_code) == 0.0
+
+
+def test_issue32_the_truthiness_of_a_returned_object_still_counts(tmp_path):
+    path = _write(tmp_path, 'code.jsonl', [
+        json.dumps({'question': 'Match a.', 'test': 'assert has_a("cat")\nassert not has_a("dog")',
+                    'entry_point': 'has_a'}),
+        '{"question": "Write inc(x).", "test": "assert inc(1) == 2", "entry_point": "inc"}'])
+    task = benchmarks.get_task(path, scorer='code')
+    e = next(r for r in task.load('val') + task.load('test') if r['entry_point'] == 'has_a')
+    assert task.score(e, "import re\n\ndef has_a(text):\n    return re.search('a', text)\n") == 1.0  # a re.Match

@@ -1,5 +1,6 @@
 """Benchmark registry and the logic every task shares: finding data, fixed splits, answer extraction, numeric match,
-option letters, scorers run in the sandbox. Every scorer reads only the last TAIL characters of a reply, in linear time
+option letters, scorers run in the sandbox (a code task's hidden tests and verdict in a process apart from the
+candidate's code: run_tests). Every scorer reads only the last TAIL characters of a reply, in linear time
 (a reply comes from hostile workflow code; a quadratic regex would freeze the parent, issue 14).
 
 A task is a module with DESCRIPTION, SEEDS, EXTRA_SEEDS, load(split), score(example, answer) and
@@ -9,7 +10,7 @@ Data is looked up in this order (DESIGN.md): $W4S_DATA_DIR/<file>; a file shippe
 (located with find_spec, which does not run the package's __init__); the cache ~/.cache/w4s/data; a download from the
 public source, checked against a sha256 and then cached. Leaves out: dataset versioning beyond the pinned sha256s.
 """
-import gzip, hashlib, importlib, importlib.util, json, os, random, re, urllib.request
+import gzip, hashlib, importlib, importlib.util, json, os, queue, random, re, threading, time, urllib.request
 import math as _math  # plain `math` would be shadowed by our submodule benchmarks.math
 
 TASKS = ['math', 'gsm8k', 'gsm-hard', 'mgsm', 'humaneval', 'mbpp', 'drop', 'mmlu']
@@ -178,23 +179,161 @@ def extract_code(answer, entry_point=None):
     return (defining or blocks)[-1]
 
 
-_HARNESS = """def run_program(src):
-    exec(compile(src, 'candidate.py', 'exec'), {'__name__': 'candidate'})  # not __main__: skip demo/input() blocks
-    return True
+# Code tasks: the candidate's code and the hidden tests run in two sandboxed processes (run_tests). The candidate's
+# process serves calls of its functions: each call's arguments arrive as a repr, its result leaves as the repr of
+# plain builtin data (any other object: its truthiness alone). Whatever the code does there (write on its channel,
+# walk its stack, return a liar object, patch repr) reaches the tests only as that text, which the tests' process
+# turns into a literal with ast.literal_eval, or rejects.
+_CANDIDATE = """import ast
+
+def plain(value, depth=0):
+    # builtin types only: numpy scalars, enums, Counter, namedtuple... compare as before, as their base type
+    if depth > 100:
+        raise ValueError('nested too deep')
+    if type(value).__module__ == 'numpy' and getattr(value, 'ndim', None) == 0:
+        value = value.item()
+    base = next((t for t in (bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict)
+                 if isinstance(value, t)), None)
+    if base in (list, tuple, set, frozenset):
+        return base(plain(v, depth + 1) for v in value)
+    if base is dict:
+        return {plain(k, depth + 1): plain(v, depth + 1) for k, v in value.items()}
+    if base is None and value is not None:
+        raise TypeError('not plain data')
+    return value if type(value) is base or value is None else base(value)
+
+def serve(src):
+    scope = {'__name__': 'candidate'}  # not __main__: skip demo/input() blocks
+    exec(compile(src, 'candidate.py', 'exec'), scope)
+    reply = None
+    while True:
+        call = rpc('next', {} if reply is None else {'reply': reply})  # None: the tests are over
+        if call is None:
+            return True
+        try:
+            args, kwargs = ast.literal_eval(call['args'])
+            value = scope[call['name']](*args, **kwargs)
+            try:
+                reply = {'value': repr(plain(value))}
+            except TypeError:  # an object (re.Match, a generator...): only its truthiness, which tests may assert
+                reply = {'truth': bool(value)}
+        except BaseException as exc:  # SystemExit too: this call fails, the next one is served
+            reply = {'failed': f'{type(exc).__name__}: {exc}'[:300]}
 """
 
+# The trusted side: the context (the prompt's helpers, imports), then the tests, with a proxy for each name the
+# tests take from the candidate: the entry point, and names the tests use but neither they nor the context define
+# (unless the name is a module: tests may lean on an import of the reference code, `sys` in MBPP 596).
+_TESTS = """import ast, builtins, importlib
 
-def sandboxed(code, entry, arg, timeout, preimport=()):
+class CandidateError(BaseException):
+    # The candidate gave no plain data (raised, died, timed out, sent garbage): a failure no test's
+    # `except Exception` can swallow.
+    pass
+
+class Opaque:
+    # An object the candidate returned that is no plain data: only its truthiness came back; it equals nothing.
+    def __init__(self, truth):
+        self.truth = truth
+
+    def __bool__(self):
+        return self.truth
+
+def proxy(name):
+    def call(*args, **kwargs):
+        reply = None
+        try:
+            reply = rpc('call', {'name': name, 'args': repr((args, kwargs))})
+            if type(reply.get('truth')) is bool:
+                return Opaque(reply['truth'])
+            return ast.literal_eval(reply['value'])  # a literal, or an error: never code, never an object
+        except Exception as exc:
+            raise CandidateError(f'{name}: {reply.get("failed") if isinstance(reply, dict) else exc}'[:300]) from None
+    return call
+
+def free_names(tree):
+    bound, used = set(dir(builtins)), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (used if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split('.')[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return used - bound
+
+def module(name):
+    try:
+        return importlib.import_module(name)
+    except Exception:
+        return None
+
+def run_tests(job):
+    scope = {'__name__': 'tests'}
+    exec(compile(job['context'], 'context.py', 'exec'), scope)
+    tree = ast.parse(job['tests'], 'tests.py')
+    for name in free_names(tree) - set(scope) - {job['entry_point']}:
+        scope[name] = module(name) or proxy(name)
+    if job['entry_point']:
+        scope[job['entry_point']] = proxy(job['entry_point'])  # over the prompt's stub
+    exec(compile(tree, 'tests.py', 'exec'), scope)
+    return True
+"""
+MAX_TEST_CALLS = 10000  # calls of the candidate's functions in one problem's tests (HumanEval's most: 105)
+
+
+def sandboxed(code, entry, arg, timeout, preimport=(), **run_kw):
     """entry(arg) of `code`, in a fresh fork of the process-wide sandbox for that code (a hanging or hostile input
     costs that one sample, killed at its timeout and scored 0, never the caller): a sandbox.Outcome."""
     import sandbox  # benchmarks -> sandbox, never the other way (DESIGN.md)
-    return sandbox.shared(code, filename='scorer.py', preimport=preimport).run(entry, arg, timeout=timeout)
+    return sandbox.shared(code, filename='scorer.py', preimport=preimport).run(entry, arg, timeout=timeout, **run_kw)
 
 
-def run_tests(program, timeout=10.0):
-    """1.0 if `program` (the candidate code followed by its tests) runs to the end in the sandbox within timeout."""
-    outcome = sandboxed(_HARNESS, 'run_program', program, timeout)
-    return float(outcome.ok and outcome.value is True)
+def run_tests(code, tests, entry_point=None, context='', timeout=10.0):
+    """1.0 if the hidden `tests` pass against the candidate's `code` within timeout. `context` (trusted: the prompt's
+    helpers, imports) runs before the tests; `entry_point` and the tests' free names are the candidate's functions.
+
+    The code runs in a sandboxed process of its own; the tests run in another, where each call of a candidate's
+    function goes through this process to the candidate's and comes back as plain data. So neither the tests nor
+    the channel that reports the verdict are ever in the candidate's address space. Leaves out: tests that need the
+    candidate's objects (classes, generators, mutated arguments), non-literal arguments or results that are not
+    finite floats (nan, inf); they fail. Each problem holds at most two rpc handler threads of sandbox.py's pool."""
+    deadline, calls, replies = time.monotonic() + timeout, queue.Queue(), queue.Queue()
+    ended = {'failed': 'the candidate stopped serving'}
+    left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
+
+    def serve(method, params):  # the candidate's rpc: the reply to the last call in, the next call out
+        if 'reply' in params:
+            replies.put(params['reply'])
+        return calls.get(timeout=left())
+
+    def ask(method, params):  # the tests' rpc: one call of a candidate's function
+        calls.put(params)
+        reply = replies.get(timeout=left())
+        if reply is ended:
+            replies.put(ended)  # every later call fails at once too
+        return reply
+
+    candidate = {}
+
+    def run_candidate():
+        try:
+            candidate['out'] = sandboxed(_CANDIDATE, 'serve', code, timeout, rpc=serve, max_calls=MAX_TEST_CALLS)
+        finally:
+            replies.put(ended)
+
+    thread = threading.Thread(target=run_candidate, daemon=True)
+    thread.start()
+    job = dict(tests=tests, entry_point=entry_point, context=context)
+    verdict = sandboxed(_TESTS, 'run_tests', job, timeout, rpc=ask, max_calls=MAX_TEST_CALLS)
+    calls.put(None)  # the candidate may stop
+    thread.join()
+    # As before, code that fails to load scores 0, even where the tests never call it.
+    return float(verdict.ok and verdict.value is True and 'out' in candidate and candidate['out'].ok)
 
 
 # A seed for code tasks (the paper gives code tasks a generate-then-test workflow): write the code, run the examples

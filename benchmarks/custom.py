@@ -6,8 +6,9 @@ The split is reproducible: a seeded shuffle of the lines, 20 % (at most 100) for
 The description for the meta-agent is --description, else the text of a sidecar file next to the data
 (my_task.jsonl -> my_task.description.txt), else a generic sentence naming the scorer.
 Scorers: exact (case- and space-insensitive), numeric, math (MATH's math-verify), choice (option letter), f1 (DROP F1,
-answer may be a list of references), code (the reply's code, then `test`, run in the sandbox; a `test` defining
-check(candidate) is called with entry_point, one defining check() is called bare, plain asserts just run).
+answer may be a list of references), code (the reply's code and `test` run in two sandboxed processes, see
+benchmarks.run_tests; a `test` defining check(candidate) is called with entry_point, one defining check() is called
+bare, plain asserts just run; the names `test` uses and does not define are the code's, called with plain data).
 Leaves out: other file formats (CSV, Parquet) and per-example scorers.
 """
 import json, os, re, types
@@ -18,12 +19,13 @@ SCORERS = ['exact', 'numeric', 'math', 'choice', 'f1', 'code']
 
 
 def _code_score(example, answer):
-    program = f"{extract_code(answer, example.get('entry_point'))}\n\n{example['test']}\n"
+    entry, tests = example.get('entry_point'), f"{example['test']}\n"
     if re.search(r'def check\(\s*\w', example['test']):
-        program += f"\ncheck({example.get('entry_point') or 'solution'})\n"
+        entry = entry or 'solution'
+        tests += f"\ncheck({entry})\n"
     elif 'def check()' in example['test']:
-        program += '\ncheck()\n'
-    return run_tests(program, timeout=10.0)
+        tests += '\ncheck()\n'
+    return run_tests(extract_code(answer, example.get('entry_point')), tests, entry, timeout=10.0)
 
 
 def _exact(example, answer):

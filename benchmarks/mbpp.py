@@ -3,7 +3,8 @@ release of the split files: $W4S_DATA_DIR, the cache, or a download checked agai
 
 The task text is the problem statement and the function's signature plus its first test, so the workflow knows the
 name and the calling convention, as in the original MBPP prompt. Score: pass@1 — the reply's code (the last ```python
-block defining the function) runs before the hidden check() with all tests, in the sandbox, with a timeout.
+block defining the function) runs in a sandboxed process of its own, the hidden check() with all tests in another,
+calling the function through benchmarks.run_tests; a timeout.
 Leaves out: MBPP's unsanitized 974-problem version and its few-shot prompt.
 """
 from . import CODE_SEED, check_split, data_path, read_jsonl, extract_code, run_tests
@@ -31,4 +32,5 @@ def extract(example, answer):
 def score(example, answer):
     code = extract(example, answer)
     imports = '\n'.join(example.get('test_imports') or [])
-    return run_tests(f"{imports}\n{code}\n\n{example['test']}\n\ncheck()\n", TIMEOUT)
+    return run_tests(f"{imports}\n{code}\n", f"{example['test']}\n\ncheck()\n", example['entry_point'],
+                     context=imports, timeout=TIMEOUT)
