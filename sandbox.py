@@ -15,35 +15,41 @@ client, keys, cache, budget and expected answers stay in the parent.
   SIGKILLs every process of that uid (detached grandchildren too), removes the work dir (any depth), and reports
   the exit status on a pipe only it holds.
 - On x86_64 a seccomp filter denies tasks new namespaces (user ones included), memfd, SysV shm and message queues,
-  POSIX mqueues, io_uring, bpf, keyrings, ptrace, unix sockets (abstract ones would meet across tasks), and signals
-  to the zygote. The zygote is its PID namespace's init (bwrap, unshare): no task can stop it, and its death ends
-  every task. A stopped or dead zygote is replaced; close() kills the whole tree.
+  POSIX mqueues, io_uring, bpf, keyrings, ptrace, signals to the zygote, and every socket family but netlink (which
+  the socket module's if_nameindex uses): no unix sockets (abstract ones meet across tasks), no inet ones (loopback
+  is shared by a Sandbox's tasks, and in `rlimits` it is the host's network), no vsock (it reaches the hypervisor's
+  host from any namespace), no packet, alg or any other; a workflow needs none (its channel is inherited). The
+  zygote is its PID namespace's init (bwrap, unshare): no task can stop it, and its death ends every task. A
+  stopped or dead zygote is replaced; close() kills the whole tree.
 - The parent treats every line from a task as hostile: size, nesting (MAX_DEPTH) and shape checked, lone
   surrogates replaced, any exception fails that task only; RPC handlers run under the task's deadline; RPC calls
   capped; the first KB of output kept; tracebacks keep only frames of the code's own file.
 Modes, strongest first (W4S_SANDBOX=bwrap|unshare|rlimits forces one): `bwrap` (own PID/net/IPC/UTS namespaces,
-read-only /usr and Python prefix, nothing else of the host, a size-limited /tmp, capabilities dropped); `unshare` (own
-PID/net/IPC/UTS/mount namespaces, host filesystem read-only to tasks by permissions, own size-limited /tmp and
-/dev/shm); `rlimits` (a plain process, with a loud warning). bwrap and unshare put an empty read-only dir over
-$W4S_DATA_DIR, the w4s cache and the data packages that ship answers (DATA_PACKAGES).
+read-only /usr and Python prefix, nothing else of the host, a /tmp capped in bytes and, as root, in files,
+capabilities dropped); `unshare` (own PID/net/IPC/UTS/mount namespaces, every host mount read-only in that namespace
+(/var/tmp, /run/lock and the user's own files too), own /tmp and /dev/shm capped in bytes and files); `rlimits` (a
+plain process, with a loud warning). bwrap and unshare put an empty read-only dir over $W4S_DATA_DIR, the w4s cache
+and the data packages that ship answers (DATA_PACKAGES).
 
 Still NOT stopped: kernel exploits; contention for CPU, memory bandwidth, disk I/O; a handler that outlives its
 deadline finishes (and is billed) in the background. Concurrent tasks of one Sandbox see each other's processes
-(other uids: no signals, no ptrace) and share /tmp's size limit. Not on x86_64: no seccomp, so the items it denies
-stay open. `unshare` exposes the rest of the host filesystem (world-readable files: a custom task's JSONL outside
-the hidden dirs holds answers). `rlimits`: the host network, 127.0.0.1 included; every world-readable file,
-answers in $W4S_DATA_DIR included; world-writable /tmp and /dev/shm, and the work dirs in /dev/shm, all bounded only
-by their size (memory past RLIMIT_AS); a task can stop the zygote in the instant it holds the task's uid only by
-means the filter does not know. Without root, tasks share the zygote's uid: NPROC counts them together, a
+(other uids: no signals, no ptrace) and share /tmp's caps (bytes, files). Not on x86_64: no seccomp, so the items
+it denies stay open. `unshare` lets tasks read the rest of the host filesystem (world-readable files: a custom
+task's JSONL outside the hidden dirs holds answers). bwrap without root: /tmp is capped in bytes only (bwrap 0.8
+sets no file count). `rlimits`: the host network where there is no filter; every world-readable file, answers in
+$W4S_DATA_DIR included; world-writable /tmp, /var/tmp and /dev/shm, and the work dirs in /dev/shm, bounded only by
+their size (memory past RLIMIT_AS), not in files; a task can stop the zygote in the instant it holds the task's
+uid only by means the filter does not know. Without root, tasks share the zygote's uid: NPROC counts them together, a
 detached grandchild lives until close() (in `rlimits`, possibly beyond), a task can kill the zygote and so its
-siblings, and in `unshare` and `rlimits` it can write whatever the parent can (the call cache, this project's
-source; the run warns).
+siblings, and it can read whatever the parent can (`unshare` and `rlimits`) and in `rlimits` write it too (the
+call cache, this project's source; the run warns).
 """
 import atexit, concurrent.futures, importlib.util, json, os, select, shutil, signal, socket, subprocess, sys, tempfile
 import threading, time, weakref
 from dataclasses import dataclass
 
 MEMORY_MB, FILE_MB, TMPFS_MB, OPEN_FILES, PROCESSES = 2048, 64, 256, 256, 64   # per task (tmpfs: per Sandbox)
+TMPFS_FILES = 16384  # per tmpfs of a Sandbox: size caps bytes, not files (2.5M empty ones held 2 GB of kernel memory)
 OUTPUT_CAP, MESSAGE_CAP, ERROR_CAP = 8192, 1 << 20, 4000     # bytes kept of stdout, of one JSON line, of an error
 CLEANUP_GRACE = 2.0                                          # seconds to wait for a killed task to be reaped
 MAX_DEPTH = 100                                              # nesting of a JSON value from a task
@@ -70,11 +76,34 @@ for name in cfg["preimport"]:
     try: __import__(name)
     except ImportError: pass
 libc = ctypes.CDLL(None, use_errno=True)
+
+def seal_mounts():
+    """unshare: every mount of this namespace read-only (the host's own stay as they are: propagation is private), so
+    no host path is writable to a task whatever its permissions (/var/tmp, /run/lock, the user's files)."""
+    attr = (ctypes.c_uint64 * 4)(1, 0, 0, 0)  # struct mount_attr: attr_set = MOUNT_ATTR_RDONLY
+    if libc.syscall(442, -100, b"/", 0x8000, attr, 32) == 0: return  # mount_setattr(AT_FDCWD, "/", AT_RECURSIVE)
+    kept = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1 << 10, "nodiratime": 1 << 11, "relatime": 1 << 21,
+            "strictatime": 1 << 24}
+    for line in open("/proc/self/mountinfo").read().splitlines():  # before Linux 5.12: a bind remount per mount,
+        point, options = line.split()[4:6]                         # keeping what a user namespace may not clear
+        for c in " \t\n\\": point = point.replace("\\%03o" % ord(c), c)
+        flags = 1 | 32 | 4096 | sum(kept.get(o, 0) for o in options.split(","))  # RDONLY REMOUNT BIND
+        if libc.mount(None, point.encode(), None, flags, None):
+            raise OSError(ctypes.get_errno(), "remount read-only: " + point)
+
+if cfg["seal"]: seal_mounts()
 for path in cfg["hide"]:  # unshare: answers and caches under empty read-only tmpfs (bwrap does this itself)
     libc.mount(b"tmpfs", path.encode(), b"tmpfs", 1 | 2 | 4 | 8, b"size=4k,mode=0")  # RDONLY NOSUID NODEV NOEXEC
-for path, mode in cfg["tmpfs"]:  # unshare: a /tmp and /dev/shm of this Sandbox's own, size-limited, not the host's
-    if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4, f"size={cfg['tmpfs_size']},mode={mode}".encode()):
+for path, mode in cfg["tmpfs"]:  # a /tmp (unshare: and /dev/shm) of this Sandbox's own, capped in bytes and files
+    options = f"size={cfg['tmpfs_size']},nr_inodes={cfg['tmpfs_files']},mode={mode}"
+    if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4, options.encode()):
         raise OSError(ctypes.get_errno(), "mount tmpfs on " + path)
+if cfg["drop_admin"]:  # bwrap as root: CAP_SYS_ADMIN was for that mount alone (tasks lose every capability anyway)
+    libc.prctl(24, 21, 0, 0, 0)  # PR_CAPBSET_DROP CAP_SYS_ADMIN
+    head, caps = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()  # capability API version 3
+    libc.capget(head, caps)
+    caps[0] &= ~(1 << 21); caps[1] &= ~(1 << 21)  # effective, permitted (of the first 32 capabilities)
+    if libc.capset(head, caps): raise OSError(ctypes.get_errno(), "drop CAP_SYS_ADMIN")
 gc.freeze()  # a task's collections then skip the pre-imported objects: fewer copy-on-write pages per fork
 libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: a setuid binary cannot hand a task root again
 libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back here and get reaped
@@ -154,7 +183,7 @@ def seccomp_filter():
     allow, deny, nosys, z = 0x7FFF0000, 0x50000 | 1, 0x50000 | 38, ZYGOTE_PID  # EPERM; ENOSYS: libc falls back
     rules = [(56, 0, [(jset, 0x7E020000)], deny),                   # clone with CLONE_NEW* flags
              (435, None, [], nosys),                                # clone3: flags out of reach; glibc uses clone
-             (41, 0, [(jeq, 1)], deny),                             # socket(AF_UNIX)
+             (41, 0, [(jeq, 16)], (allow, deny)),                   # socket(): AF_NETLINK only (see the docstring)
              (62, 0, [(jeq, z), (jeq, -z & 0xFFFFFFFF), (jeq, 0xFFFFFFFF)], deny),  # kill(zygote | its group | -1)
              (72, 1, [(jeq, 8), (jeq, 10), (jeq, 15)], deny)]       # fcntl F_SETOWN(_EX)/F_SETSIG: SIGIO to anyone
     rules += [(nr, 0, [(jeq, z)], deny) for nr in (200, 234, 129, 297)]  # tkill tgkill rt_(tg)sigqueueinfo
@@ -162,8 +191,9 @@ def seccomp_filter():
                                               250, 248, 249, 434, 424, 101)]  # unshare setns mount... ptrace
     prog = [ld(4), (jeq, 1, 0, 0xC000003E), ret(nosys), ld(0), (jge, 0, 1, 0x40000000), ret(nosys)]  # x86_64, no x32
     for nr, arg, tests, action in rules:
-        block = [ret(action)] if arg is None else [ld(16 + 8 * arg)] + [
-            (op, len(tests) - i, 0, k) for i, (op, k) in enumerate(tests)] + [ret(allow), ret(action)]
+        hit, miss = action if isinstance(action, tuple) else (action, allow)  # when a test matches, when none does
+        block = [ret(hit)] if arg is None else [ld(16 + 8 * arg)] + [
+            (op, len(tests) - i, 0, k) for i, (op, k) in enumerate(tests)] + [ret(miss), ret(hit)]
         prog += [(jeq, 0, len(block), nr)] + block
     prog.append(ret(allow))
     class Prog(ctypes.Structure): _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
@@ -280,9 +310,11 @@ def _launcher(mode: str) -> list:
     cmd = ["bwrap", "--new-session", "--as-pid-1", "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev",
            "--perms", "0711", "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
            "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-    if root:  # the zygote keeps only what it needs to give each task its own uid and dir, and remove them after
+    if root:  # the zygote keeps only what it needs to give each task its own uid and dir, and remove them after, and
+        # (until it has mounted a /tmp with a file cap over bwrap's, which caps only bytes) CAP_SYS_ADMIN
         cmd += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
-        cmd += [arg for cap in ("SETUID", "SETGID", "CHOWN", "DAC_OVERRIDE") for arg in ("--cap-add", "CAP_" + cap)]
+        cmd += [arg for cap in ("SETUID", "SETGID", "CHOWN", "DAC_OVERRIDE", "SYS_ADMIN")
+                for arg in ("--cap-add", "CAP_" + cap)]
     else:
         cmd += ["--unshare-all"]
     bound = sorted({"/usr", sys.base_prefix, sys.prefix})
@@ -319,9 +351,10 @@ def isolation_mode() -> str:
         mode = forced or next(m for m in MODES if _available(m))
         warning = {"rlimits": "rlimits mode: workflows run as plain processes that share the host network and can "
                               "read world-readable files (benchmark answers included); install bubblewrap"}.get(mode)
-        if mode != "bwrap" and os.geteuid() != 0:
-            warning = (f"{mode} mode without root: workflows run with your uid and can write what you can (the call "
-                       "cache, this project's source); run as root or install bubblewrap")
+        if mode != "bwrap" and os.geteuid() != 0:  # unshare: the host's mounts are read-only to tasks
+            warning = (f"{mode} mode without root: workflows run with your uid and can read your files" +
+                       (" and write them (the call cache, this project's source)" if mode == "rlimits" else "") +
+                       "; run as root or install bubblewrap")
         if warning and mode not in _probed.setdefault("warned", set()):
             _probed["warned"].add(mode)
             print("w4s sandbox: WARNING: " + warning, file=sys.stderr)
@@ -368,9 +401,11 @@ class _Zygote:
         self.uids = set()  # of running tasks: without a PID namespace, the only handle on what they started
         self.close = weakref.finalize(self, _Zygote.shutdown, self.proc, self.ctrl, self.base, self.pid, self.uids)
         unshare = mode == "unshare"  # its own tmpfs /tmp (the work dirs) and /dev/shm; answers hidden
+        admin = mode == "bwrap" and os.geteuid() == 0  # mounts its own /tmp, then drops CAP_SYS_ADMIN
         with theirs, self.proc.stdin:
-            cfg = dict(cfg, ctrl=theirs.fileno(), base=self.base or "/tmp", source=ZYGOTE,
-                       hide=_hidden() if unshare else [], tmpfs=[["/tmp", "0711"], ["/dev/shm", "1777"]] * unshare)
+            cfg = dict(cfg, ctrl=theirs.fileno(), base=self.base or "/tmp", source=ZYGOTE, seal=unshare,
+                       hide=_hidden() if unshare else [], drop_admin=admin,
+                       tmpfs=[["/tmp", "0711"], ["/dev/shm", "1777"]] * unshare or [["/tmp", "0711"]] * admin)
             self.proc.stdin.write(json.dumps(cfg).encode() + b"\n")
 
     def pid(self):
@@ -548,7 +583,7 @@ class Sandbox:
         self.mode = isolation_mode()
         self._cfg = dict(code=code, prelude=prelude, filename=filename, preimport=list(PREIMPORT) + list(preimport),
                          setuid=os.geteuid() == 0, memory=MEMORY_MB << 20, fsize=FILE_MB << 20, nofile=OPEN_FILES,
-                         nproc=PROCESSES, cap=MESSAGE_CAP, tmpfs_size=TMPFS_MB << 20)
+                         nproc=PROCESSES, cap=MESSAGE_CAP, tmpfs_size=TMPFS_MB << 20, tmpfs_files=TMPFS_FILES)
         self._lock, self._zygote, self._next_id = threading.Lock(), None, 0
 
     def run(self, entry: str, arg, *, rpc=None, timeout: float = 60.0, max_calls: int = 100) -> Outcome:

@@ -2934,6 +2934,133 @@ def test_dropping_the_pages_of_an_unwritten_checkpoint_keeps_every_weight():
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Issue 32: reward must be earned
+
+def until(condition, seconds=60.0):
+    """Poll `condition` until it holds (returns its value), failing after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.001)
+    return value
+
+
+@pytest.mark.parametrize("temperature", [1e-300, float("nan"), float("inf"), "nan"],
+                         ids=["tiny", "nan", "inf", "nan-string"])
+def test_an_invalid_temperature_fails_that_call_alone_with_a_clear_error(tmp_path, temperature):
+    """Item 4: 1e-300 or NaN passed the clamp, the local sampler raised on NaN logits, and the engine failed every
+    request in flight with it (another workflow's, the best seed's during test scoring)."""
+    executor = llm.LLM("embedded:smollm2-135m", "executor", llm.Ledger(), llm.Cache(str(tmp_path / "c.sqlite")))
+    rpc = w4s.agent_rpc(executor, 48)
+    with ThreadPoolExecutor(1) as pool:
+        good = pool.submit(rpc, "call_llm", {"messages": engine_prompts()[1], "temperature": 0.7, "n": 3})
+        until(lambda: executor.spec in llm.LLM.engines and llm.LLM.engines[executor.spec].admitted)
+        with pytest.raises(ValueError, match="temperature must be 0"):
+            rpc("call_llm", {"messages": "What is 2 + 2?", "temperature": temperature})
+        assert len(good.result()) == 3
+
+
+def test_a_failing_sampler_fails_its_own_request_alone(fp32_engine):
+    """Item 4, one level down: a request whose sampler raises (here NaN logits from a temperature `generate` would
+    refuse) fails alone; the requests decoding beside it finish as they would have."""
+    prompt = engine_prompts()[1]
+    alone = fp32_engine.generate(prompt, 0.0, 40, seed=0)[0]
+    with ThreadPoolExecutor(3) as pool:
+        good = [pool.submit(fp32_engine.generate, prompt, 0.0, 40, 0) for _ in range(3)]
+        until(lambda: len(fp32_engine.admitted) == 3)
+        with pytest.raises(RuntimeError, match="local sampling failed"):
+            fp32_engine.complete(fp32_engine.tok("What is 2 + 2?")["input_ids"], 1e-300, 8, seed=0)
+        assert [g.result()[0] for g in good] == [alone] * 3
+
+
+def test_a_prompt_past_the_local_context_fails_before_it_joins_the_batch(fp32_engine):
+    """Item 5: a 94 KB prompt became 78,890 tokens (9.6x the context) and the parent grew by 1.7 GB in a second."""
+    context, admitted = fp32_engine.model.config.max_position_embeddings, fp32_engine.prompted
+    with pytest.raises(llm.ContextExceeded) as refused:
+        fp32_engine.generate([{"role": "user", "content": "hello " * context}], 0.0, 8, seed=0)
+    assert refused.value.limit == context and fp32_engine.prompted == admitted
+
+
+def test_the_prompt_cap_of_one_call_counts_its_n_samples(tmp_path):
+    """Item 9: one call may ask for n=10 samples of a 1 MB prompt. A ledger that allows no call shows which request
+    reached the executor (BudgetExhausted) and which the cap stopped before it (ValueError)."""
+    executor = llm.LLM("embedded:smollm2-135m", "executor", llm.Ledger(max_calls=0),
+                       llm.Cache(str(tmp_path / "c.sqlite")))
+    rpc = w4s.agent_rpc(executor, 16)
+    with pytest.raises(llm.BudgetExhausted):
+        rpc("call_llm", {"messages": "x" * 100_000})
+    with pytest.raises(ValueError, match="over the cap"):
+        rpc("call_llm", {"messages": "x" * 100_000, "n": 10})
+
+
+def test_a_json_object_after_a_flood_of_32k_braces_is_found():
+    """Item 9: the greedy brace regex took 0.2-0.5 s of the parent's CPU on 32k braces (quadratic), and took the
+    span from the first '{' to the last '}', so one stray brace before the object lost it."""
+    flood = "{" * 32768
+    assert w4s.parse_json_reply(flood + '{"answer": "42"}', ["answer"]) == {"answer": "42"}
+    assert w4s.parse_json_reply(flood, ["reasoning", "answer"]) == {"reasoning": "", "answer": flood}
+
+
+def test_a_write_to_a_host_path_never_reaches_a_later_sandbox(mode):
+    """Item 7: in unshare mode /var/tmp and /run/lock were writable, and a later sandbox read what an earlier one
+    wrote there (a code task's hidden tests, say)."""
+    if mode == "rlimits":
+        pytest.skip("rlimits mode shares the host filesystem: world-writable dirs stay writable (documented)")
+    name = f"w4s-persist-{uuid.uuid4().hex}"
+    paths = [f"{d}/{name}" for d in ("/tmp", "/var/tmp", "/run/lock", "/dev/shm", "/dev/mqueue") if os.path.isdir(d)]
+    wrote = run("""
+        def f(paths):
+            for path in paths:
+                try:
+                    open(path, 'w').write('hidden tests')
+                except OSError:
+                    pass
+        """, paths)
+    seen = run("import os\ndef f(paths):\n    return [p for p in paths if os.path.exists(p)]", paths)
+    on_host = [p for p in paths if os.path.exists(p)]
+    for path in on_host:
+        os.remove(path)
+    assert wrote.ok and seen.ok and seen.value == [] and on_host == []
+
+
+@pytest.mark.parametrize("family, kind", [("AF_VSOCK", "SOCK_STREAM"), ("AF_INET", "SOCK_STREAM"),
+                                          ("AF_INET6", "SOCK_DGRAM"), ("AF_UNIX", "SOCK_STREAM"),
+                                          ("AF_PACKET", "SOCK_DGRAM"), ("AF_ALG", "SOCK_SEQPACKET")])
+def test_a_socket_family_no_workflow_needs_cannot_be_created(mode, family, kind):
+    """Item 8: AF_VSOCK (the hypervisor's host, outside every namespace) could be created and bound; loopback let
+    concurrent tasks of one bwrap sandbox talk. Only netlink is left (the socket module's if_nameindex uses it)."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the seccomp filter is x86_64 only (documented)")
+    out = run("""
+        import errno, socket
+        def f(args):
+            try:
+                socket.socket(getattr(socket, args[0]), getattr(socket, args[1])).close()
+            except OSError as e:
+                return errno.errorcode.get(e.errno, str(e.errno))
+            return 'created'
+        """, [family, kind])
+    assert out.ok and out.value == "EPERM", out
+
+
+def test_a_file_flood_stops_at_the_tmpfs_file_cap(mode):
+    """Item 6: /tmp capped bytes, not files: 2.5 million empty files held 2.0 GB of kernel memory."""
+    if mode == "rlimits" or not ROOT and mode == "bwrap":
+        pytest.skip("rlimits mode has no tmpfs of its own; bwrap without root caps /tmp's bytes only (documented)")
+    out = run("""
+        import errno, os
+        def f(cap):
+            for n in range(cap + 1):  # past the cap means none: stop there rather than flood the machine
+                try:
+                    os.close(os.open(str(n), os.O_CREAT | os.O_WRONLY))
+                except OSError as e:
+                    return [n, errno.errorcode[e.errno]]
+            return [n, 'no cap']
+        """, sandbox.TMPFS_FILES, timeout=60)
+    assert out.ok and out.value[1] == "ENOSPC" and out.value[0] < sandbox.TMPFS_FILES, out
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Issue 32 item 1: code verdicts out of the candidate's reach
 # The candidate's code runs in a sandboxed process of its own and hands back plain data; the hidden tests and the
 # verdict live in another process it never runs in (benchmarks.run_tests).
