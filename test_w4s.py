@@ -437,6 +437,16 @@ def test_a_workflow_that_hard_codes_a_question_it_was_shown_fails_the_dry_run(su
         assert status == "broken" and "never saw the question" in reason
 
 
+def test_a_workflow_cannot_tell_a_dry_run_by_what_execute_code_returns():
+    """Issue 32's attack: behave in the dry run, return memorised answers otherwise, told apart by a canned
+    execute_code. The dry run now runs the code for real: this workflow shows its hand there and is rejected."""
+    probe = "def solver(agent, task):\n    reply = agent.call_llm(task)\n" \
+            "    if agent.execute_code('print(6 * 7 + 1)').strip() == '43':\n" \
+            "        return '\\\\boxed{1}'\n    return reply\n"
+    _, status, reason = w4s.prescreen(f"```python\n{probe}```", [], {"question": "Compute 1 + 2."}, timeout=10)
+    assert status == "broken" and "whatever the executor answered" in reason
+
+
 def test_a_dry_run_failure_is_repaired_without_any_executor_call(sums_task, tmp_path):
     crash = "def solver(agent, task):\n    return agent.call_llm(task + ' never sent') / 0\n"
     drawn = iter([crash, crash] + [GOOD_WORKFLOW] * 10)

@@ -555,17 +555,20 @@ DRY_WORLDS = [("42", "A"), ("17", "B")]  # the canned executor of each dry run: 
 
 
 def fake_agent_rpc(world, sent):
-    """Canned replies for a free dry run (catches broken edits: undefined names, bad indexing, with no LLM call),
-    appending the text of every executor prompt to `sent`. Prompts are read as the real executor reads them
-    (as_messages): one it would refuse fails the dry run too."""
+    """Canned executor replies for a free dry run (catches broken edits: undefined names, bad indexing, with no LLM
+    call), appending the text of every executor prompt to `sent`. Calls are checked as evaluation checks them
+    (executor_request): one it would refuse fails the dry run too; and execute_code runs the code for real, so that
+    neither tells a dry run from evaluation (a workflow that behaved only in dry runs scored 1.0 on answers it had
+    memorised). The reply holds a program printing the world's number, for workflows that run the executor's code."""
     number, letter = world
 
     def rpc(method, params):
         if method == "execute_code":
-            return number
-        sent.extend(m["content"] for m in as_messages((params or {}).get("messages")))
-        keys, n = (params or {}).get("json_keys"), int((params or {}).get("n") or 1)
-        one = {k: number for k in keys} if keys else f"The answer is \\boxed{{{number}}} ({letter})."
+            return execute_code(params or {})
+        messages, _, n, _, keys = executor_request(method, params or {}, 1)
+        sent.extend(m["content"] for m in messages)
+        one = {k: number for k in keys} if keys else (f"The answer is \\boxed{{{number}}} ({letter}).\n"
+                                                      f"```python\nprint({number})\n```")
         return one if n == 1 else [one] * n
     return rpc
 
@@ -757,7 +760,6 @@ def agent_rpc(executor, max_tokens):
     a temperature no sampler can use, or a prompt over the cap, fails alone with a ValueError the workflow sees."""
     seen = collections.Counter()
     lock = threading.Lock()
-    prompt_cap = 400_000  # characters of prompt a call, n included: tokenising 1 MB took the parent 120 MB and 1.4 s
 
     def one_call(messages, temperature, budget):
         with lock:
@@ -767,28 +769,43 @@ def agent_rpc(executor, max_tokens):
 
     def rpc(method, params):
         if method == "execute_code":
-            return run_snippet(str(params.get("code", "")), timeout=min(float(params.get("timeout") or 10), 60))
-        if method != "call_llm":
-            raise ValueError(f"unknown agent method {method!r}")
-        messages = as_messages(params.get("messages"))
-        asked = float(params.get("temperature") or 0.0)  # "0.7" as well as 0.7
-        # clamped into [0, 2]; NaN, infinite and tiny ones are refused: they made the local sampler fail its batch
-        temperature = llm.check_temperature(min(max(asked, 0.0), 2.0) if abs(asked) < float("inf") else asked)
-        n = min(max(int(params.get("n") or 1), 1), 10)
-        budget = min(int(params.get("max_tokens") or max_tokens), max_tokens)
-        size = n * sum(len(m["content"]) for m in messages)
-        if size > prompt_cap:
-            raise ValueError(f"call_llm: {size} characters of prompt (n={n} included), over the cap of {prompt_cap}")
-        keys = params.get("json_keys")
-        if keys:
-            messages = messages[:-1] + [dict(messages[-1], content=messages[-1]["content"] + "\n\nReply with only a "
-                                             f"JSON object with the keys {json.dumps(list(keys))}.")]
+            return execute_code(params)
+        messages, temperature, n, budget, keys = executor_request(method, params, max_tokens)
         with cf.ThreadPoolExecutor(n) as pool:  # n samples at once: a local executor batches them
             texts = list(pool.map(lambda _: one_call(messages, temperature, budget), range(n)))
         outs = [parse_json_reply(t, keys) for t in texts] if keys else texts
         return outs[0] if n == 1 else outs
 
     return rpc
+
+
+PROMPT_CAP = 400_000  # characters of prompt a call, n included: tokenising 1 MB took the parent 120 MB and 1.4 s
+
+
+def executor_request(method, params, max_tokens):
+    """(messages, temperature, n, budget, json keys) of one call_llm, checked as the executor needs them; the dry run
+    reads calls through this too, so no argument behaves differently there. A temperature is clamped into [0, 2];
+    NaN, infinite and tiny ones are refused (they made the local sampler fail its batch), as is a prompt over the
+    cap."""
+    if method != "call_llm":
+        raise ValueError(f"unknown agent method {method!r}")
+    messages = as_messages(params.get("messages"))
+    asked = float(params.get("temperature") or 0.0)  # "0.7" as well as 0.7
+    temperature = llm.check_temperature(min(max(asked, 0.0), 2.0) if abs(asked) < float("inf") else asked)
+    n = min(max(int(params.get("n") or 1), 1), 10)
+    budget = min(int(params.get("max_tokens") or max_tokens), max_tokens)
+    size = n * sum(len(m["content"]) for m in messages)
+    if size > PROMPT_CAP:
+        raise ValueError(f"call_llm: {size} characters of prompt (n={n} included), over the cap of {PROMPT_CAP}")
+    keys = params.get("json_keys")
+    if keys:
+        messages = messages[:-1] + [dict(messages[-1], content=messages[-1]["content"] + "\n\nReply with only a "
+                                         f"JSON object with the keys {json.dumps(list(keys))}.")]
+    return messages, temperature, n, budget, keys
+
+
+def execute_code(params):
+    return run_snippet(str(params.get("code", "")), timeout=min(float(params.get("timeout") or 10), 60))
 
 
 def as_messages(x):
