@@ -360,7 +360,9 @@ PRINCIPLES = """- The executor LLM (agent.call_llm) does the reasoning; Python o
 - Read the cases: "answer compared" is what the scorer saw. A wrong format, a cut-off reply and a wrong result
   need different fixes.
 - Standard library only. Define every helper inside your block. No try/except that hides errors.
-- Return only the final answer, in the format the task asks for."""
+- Return only the final answer, in the format the task asks for.
+- solver runs on every question of the task, unseen ones too: put `task` in the prompts, never a question or an
+  answer from the cases."""
 TECHNIQUES = """Techniques to combine (one or two lines each):
 - Chain of thought: agent.call_llm(task + "\\nThink step by step. End with \\\\boxed{ANSWER}.")
 - Self-consistency: replies = agent.call_llm(prompt, temperature=0.7, n=5), then a majority vote over the answers
@@ -633,7 +635,8 @@ def repair_messages(task, cand, failure, meta):
     shown = f"```python\n{cand.code.strip()}\n```" if cand.code else clip(cand.action, 3000)
     ask = (f"# Interface the workflow may use\n{INTERFACE_DOC}\n\n# Task\n{task.DESCRIPTION}\n\n# Your reply\n"
            f"{shown}\n\n{failure}\n\nFix it. Reply with only the whole corrected workflow: one ```python block that "
-           "defines solver(agent, task). Do not use try/except.")
+           "defines solver(agent, task), for any question of the task (use `task`; no question or answer from the "
+           "cases). Do not use try/except.")
     messages = [{"role": "system", "content": META_SYSTEM}, {"role": "user", "content": ask}]
     return messages + ([{"role": "assistant", "content": "```python\n"}] if meta.can_continue else [])
 
