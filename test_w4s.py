@@ -555,12 +555,15 @@ def test_passes_past_m_in_a_later_draw_are_spare(sums_task, tmp_path):
     stub_run(srv, sums_task, tmp_path / "run", "--samples", "2", "--iterations", "1")
     srv.shutdown()
     rows = read_trajectory(tmp_path / "run")
-    assert [r["status"] for r in rows][1] == "unextractable" and len(rows[1]["debug"]) == w4s.REPAIR_ROUNDS
+    codeless = [r for r in rows if r["status"] == "unextractable"]  # the first draw's two samples run concurrently
+    assert len(codeless) == 1 and codeless[0]["sample"] < 2 and len(codeless[0]["debug"]) == w4s.REPAIR_ROUNDS
     assert Counter(r["status"] for r in rows)["spare"] == 1 and len(rows) == 4
 
 
 def test_meta_prompt_shows_the_extracted_answer_after_long_reasoning(sums_task, tmp_path):
-    rambling = "def solver(agent, task):\n    return 'Let me think. ' * 300 + agent.call_llm(task)\n"
+    # right on one validation question, wrong on the other: kept (> 0.05), so its feedback opens turn 2
+    rambling = ("def solver(agent, task):\n    care = ' Work carefully.' if '19' in task else ''\n"
+                "    return 'Let me think. ' * 300 + agent.call_llm(task + care)\n")
     srv = StubOpenAI(meta_replies=lambda body: block(rambling))
     stub_run(srv, sums_task, tmp_path / "run", "--iterations", "2", "--samples", "1", "--context-window", "2")
     srv.shutdown()
