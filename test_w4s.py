@@ -1476,7 +1476,7 @@ def test_one_row_per_action_with_diff_against_refined_workflow(tmp_path):
     assert page.index("Analysis 1.0") < page.index("Analysis 1.1") < page.index("Analysis 2.0")
     assert page.count("diff against pot") == 2  # iteration 1 refines the best seed
     assert page.count("diff against iteration1") == 2 and page.count("diff against iteration2") == 2
-    assert "self-debug round 1" in page and "First 1.1" in page  # the reply before self-debug is shown too
+    assert "repair round 1" in page and "First 1.1" in page  # the reply before its repair is shown too
 
 
 def test_comparison_lists_every_run(tmp_path):
