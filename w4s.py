@@ -223,12 +223,11 @@ def play_turn(episode, meta, executor, run, it):
     passed or none was kept, up to 3m drawn. Reward each kept candidate against the episode's best and the previous
     turn. Returns (every sample, the chosen one or None)."""
     m, cands = run.args.samples, []
-    while len(cands) < 3 * m and not (sum(c.status in EVALUATED for c in cands) >= m and chosen_from(cands)):
+    while len(cands) < 3 * m and not (n_evaluated(cands) >= m and chosen_from(cands)):
         new = draw_samples(meta, episode, run, it, first=len(cands), count=min(m, 3 * m - len(cands)))
         complete_code(meta, new, run)
         screen_and_repair(new, cands, episode.known, meta, run)
-        evaluated = sum(c.status in EVALUATED for c in cands)
-        room = m - evaluated if evaluated < m else m  # (m evaluated but none kept: m more)
+        room = m - n_evaluated(cands) if n_evaluated(cands) < m else m  # (m evaluated but none kept: m more)
         ready = [c for c in new if c.status is None]
         for c in ready[room:]:
             c.status, c.reason = "spare", f"passed the pre-screen after {m} others had: not evaluated"
@@ -290,6 +289,10 @@ def repair_hint(cand):
                 "the workflow does (a check of the answer, a vote over samples, a program run with "
                 "agent.execute_code, a plan first).")
     return cand.reason
+
+
+def n_evaluated(cands):
+    return sum(c.status in EVALUATED for c in cands)
 
 
 def chosen_from(cands):
